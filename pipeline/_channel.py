@@ -1,0 +1,243 @@
+"""Bounded batch channels between stages, and the global in-flight budget.
+
+Every edge of the graph is a trio memory channel of a fixed capacity (in
+batches), wrapped so the runtime can see depth, peak depth and the events and
+bytes queued on it without asking stages to cooperate.
+
+The :class:`InflightBudget` bounds the events (and bytes) inside the user-space
+pipeline as a whole: a source *admits* a batch before sending it, and every
+outcome recorded for an admitted event *releases* it. Sources wait for room (or,
+with a draining policy, drop at the origin and say so); nothing downstream ever
+blocks on the budget, so it cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
+
+import trio
+
+from ._batch import Batch
+
+if TYPE_CHECKING:
+    from ._stage import StageContext
+
+__all__ = ["BatchReceiver", "BatchSender", "Edge", "EdgeStatistics", "InflightBudget"]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatistics:
+    events: int
+    bytes: int
+    max_events: int
+    max_bytes: int
+    peak_events: int
+    peak_bytes: int
+    waits: int
+
+
+class InflightBudget:
+    """Events and bytes admitted into the pipeline and not yet given an outcome.
+
+    ``max_events``/``max_bytes`` of 0 mean unbounded. A batch larger than the
+    whole budget is admitted when nothing else is in flight, so progress is
+    always possible.
+    """
+
+    def __init__(self, max_events: int = 0, max_bytes: int = 0) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.events = 0
+        self.bytes = 0
+        self.peak_events = 0
+        self.peak_bytes = 0
+        self.waits = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def has_room(self, events: int, nbytes: int) -> bool:
+        if self.events == 0:
+            return True
+        if self.max_events and self.events + events > self.max_events:
+            return False
+        return not (self.max_bytes and self.bytes + nbytes > self.max_bytes)
+
+    async def admit(self, events: int, nbytes: int) -> None:
+        """Wait until the batch fits, then count it as in flight."""
+        if not self.has_room(events, nbytes):
+            self.waits += 1
+            while not self.has_room(events, nbytes):
+                await self._lot.park()
+        self.admit_nowait(events, nbytes)
+
+    def admit_nowait(self, events: int, nbytes: int) -> None:
+        self.events += events
+        self.bytes += nbytes
+        if self.events > self.peak_events:
+            self.peak_events = self.events
+        if self.bytes > self.peak_bytes:
+            self.peak_bytes = self.bytes
+
+    def release(self, events: int) -> None:
+        """Events got their outcome. Bytes are released in proportion, since stages
+        may change a batch's representation (decoding) on the way."""
+        if events > self.events:
+            raise AssertionError(f"releasing {events} events but only {self.events} in flight")
+        if events == self.events:
+            self.bytes = 0
+        else:
+            self.bytes -= self.bytes * events // self.events
+        self.events -= events
+        self._lot.unpark_all()
+
+    def statistics(self) -> BudgetStatistics:
+        return BudgetStatistics(
+            self.events,
+            self.bytes,
+            self.max_events,
+            self.max_bytes,
+            self.peak_events,
+            self.peak_bytes,
+            self.waits,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeStatistics:
+    name: str
+    capacity: int
+    depth: int
+    peak_depth: int
+    queued_events: int
+    queued_bytes: int
+    sent_batches: int
+    sent_events: int
+
+
+class Edge:
+    """One bounded channel from a producer stage to a consumer stage."""
+
+    def __init__(self, name: str, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"channel capacity must be >= 1, got {capacity}")
+        self.name = name
+        self.capacity = capacity
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Batch](capacity)
+        self.peak_depth = 0
+        self.queued_events = 0
+        self.queued_bytes = 0
+        self.sent_batches = 0
+        self.sent_events = 0
+
+    @property
+    def depth(self) -> int:
+        return self.send_channel.statistics().current_buffer_used
+
+    @property
+    def fill(self) -> float:
+        """Occupancy as a fraction of capacity (what the sampler watches)."""
+        return self.depth / self.capacity
+
+    def statistics(self) -> EdgeStatistics:
+        return EdgeStatistics(
+            self.name,
+            self.capacity,
+            self.depth,
+            self.peak_depth,
+            self.queued_events,
+            self.queued_bytes,
+            self.sent_batches,
+            self.sent_events,
+        )
+
+
+class BatchSender:
+    """The sending end a stage writes batches to. ``await tx.send(batch)``."""
+
+    def __init__(self, edge: Edge, ctx: StageContext, *, admits: bool) -> None:
+        self._edge = edge
+        self._ctx = ctx
+        self._admits = admits
+
+    @property
+    def edge(self) -> Edge:
+        return self._edge
+
+    async def send(self, batch: Batch) -> None:
+        n = len(batch)
+        if n == 0:
+            return
+        edge = self._edge
+        ctx = self._ctx
+        nbytes = batch.nbytes
+        if self._admits:
+            await ctx.budget.admit(n, nbytes)
+        edge.queued_events += n
+        edge.queued_bytes += nbytes
+        try:
+            await edge.send_channel.send(batch)
+        except BaseException:
+            edge.queued_events -= n
+            edge.queued_bytes -= nbytes
+            if self._admits:
+                ctx.budget.release(n)
+            raise
+        edge.sent_batches += 1
+        edge.sent_events += n
+        depth = edge.send_channel.statistics().current_buffer_used
+        if depth > edge.peak_depth:
+            edge.peak_depth = depth
+        ctx.stats.sent_batches += 1
+        ctx.stats.sent_events += n
+
+    def send_would_block(self) -> bool:
+        return self._edge.depth >= self._edge.capacity
+
+    async def aclose(self) -> None:
+        await self._edge.send_channel.aclose()
+
+    def close(self) -> None:
+        self._edge.send_channel.close()
+
+
+class BatchReceiver:
+    """The receiving end a stage reads batches from: ``async for batch in rx``."""
+
+    def __init__(self, edge: Edge, ctx: StageContext) -> None:
+        self._edge = edge
+        self._ctx = ctx
+
+    @property
+    def edge(self) -> Edge:
+        return self._edge
+
+    async def receive(self) -> Batch:
+        batch = await self._edge.receive_channel.receive()
+        self._took(batch)
+        return batch
+
+    def receive_nowait(self) -> Batch:
+        batch = self._edge.receive_channel.receive_nowait()
+        self._took(batch)
+        return batch
+
+    def _took(self, batch: Batch) -> None:
+        n = len(batch)
+        edge = self._edge
+        edge.queued_events -= n
+        edge.queued_bytes -= batch.nbytes
+        stats = self._ctx.stats
+        stats.received_batches += 1
+        stats.received_events += n
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Batch:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._edge.receive_channel.close()

@@ -1,0 +1,236 @@
+"""The graph runtime: a chain source → stages → sink joined by bounded edges.
+
+Theory of operation
+-------------------
+* Nodes start sink-first with ``nursery.start`` so every consumer is ready
+  before its producer sends; ``Pipeline.run`` reports started when the source is.
+* A node's sending end is closed when the node returns (normally, by error, or
+  by cancellation), so end-of-stream flows downstream in order.
+* ``stop()`` cancels only the source: everything already admitted drains through
+  the stages and reaches the sink — a graceful shutdown loses nothing.
+  ``abort()`` cancels everything; whatever is still queued or held is then
+  recorded as dropped with reason ``shutdown``, so the ledger still balances.
+* A stage that raises is logged with its name and counted; the runtime then
+  keeps draining its input (recording drops, reason ``stage failed``) so
+  upstream never blocks on a dead consumer. It never kills the process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ._channel import BatchReceiver, BatchSender, BudgetStatistics, Edge, EdgeStatistics, InflightBudget
+from ._stage import Sink, Source, Stage, StageContext, StageStatistics
+from .accounting import Ledger, LedgerSnapshot, Outcome
+from .errors import StageStartError
+
+__all__ = ["NodeSpec", "Pipeline", "PipelineStatistics"]
+
+log = logging.getLogger("bpfpipe.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One element of the chain: a name, the class to build and its decoded config."""
+
+    name: str
+    factory: type[Source] | type[Stage] | type[Sink]
+    config: Any = None
+
+    def build(self, ctx: StageContext) -> Source | Stage | Sink:
+        config = self.config if self.config is not None else self.factory.Config()
+        return self.factory(config, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStatistics:
+    stages: tuple[StageStatistics, ...]
+    edges: tuple[EdgeStatistics, ...]
+    budget: BudgetStatistics
+    ledger: LedgerSnapshot
+
+    def stage(self, name: str) -> StageStatistics:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stages": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "received_events": s.received_events,
+                    "sent_events": s.sent_events,
+                    "dropped_events": s.dropped_events,
+                    "delivered_events": s.delivered_events,
+                    "errors": s.errors,
+                }
+                for s in self.stages
+            ],
+            "edges": [
+                {"name": e.name, "capacity": e.capacity, "depth": e.depth, "peak_depth": e.peak_depth}
+                for e in self.edges
+            ],
+            "inflight": {"events": self.budget.events, "peak_events": self.budget.peak_events},
+            "accounting": self.ledger.as_dict(),
+        }
+
+
+class _StartedFlag(trio.TaskStatus[None]):
+    """Wraps a TaskStatus to remember whether the node said it was ready."""
+
+    def __init__(self, inner: trio.TaskStatus[None]) -> None:
+        self._inner = inner
+        self.is_started = False
+
+    def started(self, value: None = None) -> None:
+        self.is_started = True
+        self._inner.started(value)
+
+
+class Pipeline:
+    """A running (or runnable) chain of nodes. Build with :func:`pipeline.build_pipeline`
+    from config, or directly from :class:`NodeSpec` objects in tests."""
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeSpec],
+        capacities: Sequence[int],
+        *,
+        max_inflight_events: int = 0,
+        max_inflight_bytes: int = 0,
+        ledger: Ledger | None = None,
+    ) -> None:
+        if len(nodes) < 2:
+            raise ValueError("a pipeline needs at least a source and a sink")
+        if len(capacities) != len(nodes) - 1:
+            raise ValueError(f"{len(nodes)} nodes need {len(nodes) - 1} edge capacities")
+        names = [n.name for n in nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        kinds = [n.factory.kind for n in nodes]
+        if kinds[0] != "source" or kinds[-1] != "sink" or any(k != "stage" for k in kinds[1:-1]):
+            raise ValueError(f"expected source, stages..., sink; got {kinds}")
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.budget = InflightBudget(max_inflight_events, max_inflight_bytes)
+        self.specs = tuple(nodes)
+        self.contexts = [StageContext(n.name, n.factory.kind, self.ledger, self.budget) for n in nodes]
+        self.edges = [
+            Edge(f"{a.name}->{b.name}", cap) for a, b, cap in zip(nodes, nodes[1:], capacities, strict=False)
+        ]
+        self.nodes = [spec.build(ctx) for spec, ctx in zip(nodes, self.contexts, strict=True)]
+        self._source_scope = trio.CancelScope()
+        self._nursery_scope: trio.CancelScope | None = None
+        self.finished = trio.Event()
+
+    # -- control --------------------------------------------------------------------
+    def stop(self) -> None:
+        """Graceful: stop the source; everything admitted drains to the sink."""
+        self._source_scope.cancel()
+
+    def abort(self) -> None:
+        """Immediate: cancel every node; leftovers are recorded as dropped (``shutdown``)."""
+        self._source_scope.cancel()
+        if self._nursery_scope is not None:
+            self._nursery_scope.cancel()
+
+    def statistics(self) -> PipelineStatistics:
+        return PipelineStatistics(
+            stages=tuple(copy.copy(c.stats) for c in self.contexts),
+            edges=tuple(e.statistics() for e in self.edges),
+            budget=self.budget.statistics(),
+            ledger=self.ledger.snapshot(),
+        )
+
+    # -- running ---------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until the source ends (or ``stop()``) and everything has drained."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery_scope = nursery.cancel_scope
+                for index in reversed(range(len(self.nodes))):
+                    await nursery.start(self._run_node, index)
+                log.info(
+                    "pipeline started",
+                    extra={"stages": " -> ".join(s.name for s in self.specs)},
+                )
+                task_status.started()
+        finally:
+            self._sweep()
+            self.finished.set()
+
+    async def _run_node(self, index: int, task_status: trio.TaskStatus[None]) -> None:
+        node = self.nodes[index]
+        ctx = self.contexts[index]
+        rx = BatchReceiver(self.edges[index - 1], ctx) if index > 0 else None
+        tx = BatchSender(self.edges[index], ctx, admits=index == 0) if index < len(self.edges) else None
+        status = _StartedFlag(task_status)
+        failed = False
+        try:
+            if isinstance(node, Source):
+                assert tx is not None
+                with self._source_scope:
+                    await node.run(tx, task_status=status)
+            elif isinstance(node, Stage):
+                assert rx is not None and tx is not None
+                await node.run(rx, tx, task_status=status)
+            else:
+                assert rx is not None
+                await node.run(rx, task_status=status)
+        except Exception as exc:
+            if not status.is_started:
+                raise StageStartError(ctx.name, f"{type(exc).__name__}: {exc}") from exc
+            failed = True
+            ctx.error(exc, "run()")
+        else:
+            if not status.is_started:  # returned at once, e.g. an empty source
+                status.started()
+        finally:
+            if tx is not None:
+                tx.close()
+        if rx is not None:
+            await self._drain_input(rx, ctx, "stage failed" if failed else "unconsumed")
+        self._settle(ctx, "stage failed" if failed else "unreported")
+
+    @staticmethod
+    async def _drain_input(rx: BatchReceiver, ctx: StageContext, reason: str) -> None:
+        """Consume what upstream still sends to a node that stopped reading."""
+        try:
+            async for batch in rx:
+                ctx.drop_batch(batch, reason=reason)
+        except trio.ClosedResourceError:
+            pass
+
+    @staticmethod
+    def _settle(ctx: StageContext, reason: str) -> None:
+        held = ctx.stats.held_events
+        if held <= 0:
+            return
+        if ctx.stats.kind == "source":
+            # Produced but never sent: never admitted to the in-flight budget.
+            ctx.ledger.record(Outcome.STAGE_DROPPED, held, stage=ctx.name, reason=reason)
+            ctx.stats.dropped_events += held
+        else:
+            ctx.drop(held, reason=reason)
+
+    def _sweep(self) -> None:
+        """After an abort: account for batches left in channels or in stages' hands."""
+        for index, edge in enumerate(self.edges):
+            consumer = self.contexts[index + 1]
+            rx = BatchReceiver(edge, consumer)
+            while True:
+                try:
+                    batch = rx.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                consumer.drop_batch(batch, reason="shutdown")
+        for ctx in self.contexts:
+            self._settle(ctx, "shutdown")

@@ -1,0 +1,283 @@
+"""The stage API: what a plug-in author subclasses.
+
+Three shapes, from easiest to most control:
+
+* :class:`BatchStage` — implement ``process(batch) -> Batch | None``: a sync,
+  vectorised transform. The runtime runs the loop, counts in/out, records the
+  events a stage removes as dropped (reason ``filtered``) and, if ``process``
+  raises, logs it with the stage's name, counts an error and records the batch as
+  dropped (reason ``error``). This is what almost every stage should be.
+* :func:`per_event` — decorate ``fn(event) -> bool | None``; returns a
+  ``BatchStage`` class. Convenient, and costs about a microsecond per event
+  (Python-level iteration), i.e. it caps a stage near 1 M events/s.
+* :class:`Stage` — implement ``async def run(rx, tx, *, task_status)`` for full
+  control (batching, timers, fan-out). Such a stage must account for every event
+  it receives: send it on, or call ``ctx.drop(...)``/``ctx.record(...)``. At end
+  of stream the runtime records any remainder as dropped (reason ``unreported``).
+
+Sources (:class:`Source`) and sinks (:class:`Sink`, :class:`BatchSink`) are the
+two ends. Every class has a ``Config`` (a ``msgspec.Struct``) that the runtime
+decodes the stage's ``[stages.config]`` table into, so a typo fails at startup.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+import trio
+
+from ._batch import Batch
+from ._channel import BatchReceiver, BatchSender, InflightBudget
+from .accounting import Ledger, Outcome
+
+__all__ = [
+    "BatchSink",
+    "BatchStage",
+    "NoConfig",
+    "Sink",
+    "Source",
+    "Stage",
+    "StageContext",
+    "StageStatistics",
+    "per_event",
+]
+
+
+class NoConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The config of a stage that takes none."""
+
+
+@dataclass(slots=True)
+class StageStatistics:
+    """Live counters of one stage (read a frozen copy via ``Pipeline.statistics()``)."""
+
+    name: str
+    kind: str
+    received_batches: int = 0
+    received_events: int = 0
+    sent_batches: int = 0
+    sent_events: int = 0
+    dropped_events: int = 0
+    produced_events: int = 0
+    delivered_events: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+    @property
+    def held_events(self) -> int:
+        """Events received (or produced) and not yet sent, dropped or delivered."""
+        return (
+            self.received_events
+            + self.produced_events
+            - self.sent_events
+            - self.dropped_events
+            - self.delivered_events
+        )
+
+
+class StageContext:
+    """What the runtime gives each stage: its name, logger, counters and ledger."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        ledger: Ledger,
+        budget: InflightBudget,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.name = name
+        self.stats = StageStatistics(name, kind)
+        self.ledger = ledger
+        self.budget = budget
+        self.log = logger or logging.getLogger(f"bpfpipe.stage.{name}")
+
+    # -- accounting helpers (all per batch; never per event) ---------------------------
+    def produced(self, count: int, weight: float | None = None) -> None:
+        """A source made ``count`` events (call before sending them)."""
+        self.stats.produced_events += count
+        self.ledger.record_produced(count, weight)
+
+    def drop(self, count: int, weight: float | None = None, *, reason: str) -> None:
+        """This stage discards ``count`` admitted events for ``reason``."""
+        self.record(Outcome.STAGE_DROPPED, count, weight, reason=reason)
+
+    def drop_batch(self, batch: Batch, *, reason: str) -> None:
+        self.drop(len(batch), batch.weight_sum, reason=reason)
+
+    def record(
+        self, outcome: Outcome, count: int, weight: float | None = None, *, reason: str = ""
+    ) -> None:
+        """Give ``count`` admitted events their final outcome (releases budget)."""
+        if count <= 0:
+            return
+        self.ledger.record(outcome, count, weight, stage=self.name, reason=reason)
+        if outcome is Outcome.DELIVERED:
+            self.stats.delivered_events += count
+        else:
+            self.stats.dropped_events += count
+        self.budget.release(count)
+
+    def record_unadmitted(
+        self, outcome: Outcome, count: int, weight: float | None = None, *, reason: str = ""
+    ) -> None:
+        """An outcome for events that never entered the pipeline (kernel-side
+        sampling, lost reservations, ring-buffer draining)."""
+        if count > 0:
+            self.ledger.record(outcome, count, weight, stage=self.name, reason=reason)
+
+    def error(self, exc: BaseException, what: str) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        self.log.error(
+            "%s failed in stage %r: %s",
+            what,
+            self.name,
+            self.stats.last_error,
+            exc_info=self.log.isEnabledFor(logging.DEBUG),
+            extra={"stage": self.name},
+        )
+
+
+class _Configurable:
+    Config: ClassVar[type[msgspec.Struct]] = NoConfig
+
+    def __init__(self, config: Any, ctx: StageContext) -> None:
+        self.config = config
+        self.ctx = ctx
+
+
+class Source(_Configurable, ABC):
+    """Produces batches. ``run`` must call ``task_status.started()`` once ready and
+    ``self.ctx.produced(n)`` for every batch it makes. Cancellation is how the
+    runtime asks it to stop; it then returns and the runtime closes ``tx``."""
+
+    kind: ClassVar[str] = "source"
+
+    @abstractmethod
+    async def run(
+        self, tx: BatchSender, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+
+class Stage(_Configurable, ABC):
+    """Full control over a stage's loop. See the module docstring for the contract."""
+
+    kind: ClassVar[str] = "stage"
+
+    @abstractmethod
+    async def run(
+        self,
+        rx: BatchReceiver,
+        tx: BatchSender,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None: ...
+
+
+class BatchStage(Stage):
+    """A sync per-batch transform; the runtime drives the loop."""
+
+    @abstractmethod
+    def process(self, batch: Batch) -> Batch | None:
+        """Return the batch to send on (possibly fewer events), or None to drop it."""
+
+    async def run(
+        self,
+        rx: BatchReceiver,
+        tx: BatchSender,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ctx = self.ctx
+        process = self.process
+        task_status.started()
+        async for batch in rx:
+            try:
+                out = process(batch)
+            except Exception as exc:
+                ctx.error(exc, "process()")
+                ctx.drop_batch(batch, reason="error")
+                continue
+            n_in = len(batch)
+            n_out = 0 if out is None else len(out)
+            if n_out < n_in:
+                removed_weight = batch.weight_sum - (0.0 if out is None else out.weight_sum)
+                ctx.drop(n_in - n_out, removed_weight, reason="filtered")
+            elif n_out > n_in:
+                ctx.produced(n_out - n_in)
+                ctx.budget.admit_nowait(n_out - n_in, 0)
+            if out is not None and n_out:
+                await tx.send(out)
+
+
+class Sink(_Configurable, ABC):
+    """Consumes batches with full control; must call ``ctx.record(Outcome.DELIVERED, ...)``
+    (or ``ctx.drop``) for every event it takes."""
+
+    kind: ClassVar[str] = "sink"
+
+    @abstractmethod
+    async def run(
+        self, rx: BatchReceiver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+
+class BatchSink(Sink):
+    """Implement ``write(batch)``; the runtime records its events as delivered when it
+    returns, or as dropped (reason ``error``) when it raises."""
+
+    @abstractmethod
+    async def write(self, batch: Batch) -> None: ...
+
+    async def aclose(self) -> None:
+        """Flush and release resources at end of stream."""
+
+    async def run(
+        self, rx: BatchReceiver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        ctx = self.ctx
+        task_status.started()
+        try:
+            async for batch in rx:
+                try:
+                    await self.write(batch)
+                except Exception as exc:
+                    ctx.error(exc, "write()")
+                    ctx.drop_batch(batch, reason="error")
+                    continue
+                ctx.record(Outcome.DELIVERED, len(batch), batch.weight_sum)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+
+def per_event(fn: Callable[[Any], object]) -> type[BatchStage]:
+    """Make a stage from a function of one event.
+
+    ``fn(event)`` gets a numpy record view of one event (``event.pid``,
+    ``event["comm"]``) over a private copy of the batch: assignments change the
+    event that is sent on. Return a falsy value to drop the event, anything else
+    to keep it.
+
+    Cost: Python-level iteration, roughly 1 µs per event on our reference
+    machine, so such a stage tops out near 1 M events/s. Prefer a
+    :class:`BatchStage` with numpy operations on hot paths.
+    """
+
+    class PerEventStage(BatchStage):
+        def process(self, batch: Batch) -> Batch | None:
+            events = batch.events.copy().view(np.recarray)
+            keep = np.fromiter((bool(fn(event)) for event in events), dtype=bool, count=len(events))
+            return batch.replace(events=events.view(np.ndarray)[keep], weights=batch.weights[keep])
+
+    PerEventStage.__name__ = PerEventStage.__qualname__ = getattr(fn, "__name__", "PerEventStage")
+    PerEventStage.__doc__ = fn.__doc__
+    PerEventStage.__module__ = getattr(fn, "__module__", __name__)
+    return PerEventStage

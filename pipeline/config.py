@@ -1,0 +1,289 @@
+"""Typed configuration: defaults < TOML file < environment < command-line flags.
+
+Every section is a ``msgspec.Struct`` that forbids unknown fields, so a typo is
+an error (with a did-you-mean) rather than a silently ignored key. Errors are
+:class:`~pipeline.errors.ConfigError` whose message starts with the key path,
+e.g. ``metrics_port: expected int, got "abc"``.
+
+Stage configs (``[stages.config]``) are kept as plain tables here and decoded
+into each stage's own ``Config`` struct when the graph is built (see
+``pipeline._registry``), so third-party stages get the same error quality.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import tomli_w
+
+from .errors import ConfigError
+
+__all__ = [
+    "ChannelsConfig",
+    "Config",
+    "FeatureFlags",
+    "LimitsConfig",
+    "NodeConfig",
+    "dump_config",
+    "env_overrides",
+    "load_config",
+    "merge",
+]
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class FeatureFlags(_Section):
+    new_parser: bool = False
+    enhanced_metrics: bool = False
+
+
+class NodeConfig(_Section):
+    """One element of the chain. ``use`` is a built-in name (``synthetic``,
+    ``jsonl``, ``null``, ``noop``, …), an entry point in the ``bpfpipe.stages``
+    group, or an import path ``package.module:Class``."""
+
+    use: str
+    name: str = ""
+    capacity: Positive | None = None
+    """Capacity, in batches, of the channel *into* this node (default: channels.capacity)."""
+    config: dict[str, Any] = {}
+
+
+class ChannelsConfig(_Section):
+    capacity: Positive = 16
+    """Default capacity of every channel, in batches."""
+
+
+class LimitsConfig(_Section):
+    max_inflight_events: NonNegative = 1_048_576
+    """Events admitted into the user-space pipeline and not yet given an outcome (0 = unbounded)."""
+    max_inflight_bytes: NonNegative = 256 * 1024 * 1024
+    """Bytes of batch arrays in flight (0 = unbounded)."""
+
+
+class Config(_Section):
+    log_level: LogLevel = "info"
+    metrics_port: Port = 9090
+    health_check_port: Port = 8080
+    bpf_map_size: Positive = 65536
+    ring_buffer_size: Positive = 262144
+    enable_debug: bool = False
+    feature_flags: FeatureFlags = FeatureFlags()
+    source: NodeConfig = NodeConfig(use="synthetic", config={"rate_per_s": 1000, "batch_size": 64})
+    stages: list[NodeConfig] = []
+    sink: NodeConfig = NodeConfig(use="jsonl")
+    channels: ChannelsConfig = ChannelsConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+# --- environment ---------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _env_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name} (environment)", f"expected a boolean (1/0, true/false), got {value!r}")
+
+
+def _env_int(name: str, value: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name} (environment)", f"expected int, got {json.dumps(value)}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The config keys set by ``BPF_LOG_LEVEL``, ``METRICS_PORT`` and ``BPF_DEBUG``."""
+    out: dict[str, Any] = {}
+    if "BPF_LOG_LEVEL" in environ:
+        out["log_level"] = environ["BPF_LOG_LEVEL"].strip().lower()
+    if "METRICS_PORT" in environ:
+        out["metrics_port"] = _env_int("METRICS_PORT", environ["METRICS_PORT"])
+    if "BPF_DEBUG" in environ:
+        out["enable_debug"] = _env_bool("BPF_DEBUG", environ["BPF_DEBUG"])
+    return out
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge tables; values (including lists) in ``override`` replace ``base``'s."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective config: defaults < file < environment < ``overrides`` (CLI)."""
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    if environ is not None:
+        raw = merge(raw, env_overrides(environ))
+    if overrides:
+        raw = merge(raw, overrides)
+    return decode_config(raw)
+
+
+def decode_config(raw: Mapping[str, Any]) -> Config:
+    try:
+        return msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise config_error_from(exc, raw, Config) from None
+
+
+def dump_config(config: Config) -> str:
+    """The config as TOML that :func:`load_config` reads back to an equal config."""
+    return tomli_w.dumps(_strip_none(msgspec.to_builtins(config)))
+
+
+def _strip_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_none(v) for v in value]
+    return value
+
+
+# --- error messages ------------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
+_MISSING = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
+
+
+def config_error_from(exc: msgspec.ValidationError, raw: Any, root: type[Any], prefix: str = "") -> ConfigError:
+    """Turn msgspec's message into ``key.path: problem`` with the offending value."""
+    match = _AT.match(str(exc))
+    assert match is not None
+    message, path = match["msg"], (match["path"] or "")
+    keys = _parse_path(path)
+    if unknown := _UNKNOWN.match(message):
+        field = unknown["field"]
+        problem = "unknown key"
+        options = _field_names(_type_at(root, keys))
+        close = difflib.get_close_matches(field, options, n=1, cutoff=0.6)
+        if close:
+            problem += f" (did you mean {close[0]!r}?)"
+        return ConfigError(_join(prefix, [*keys, field]), problem)
+    if missing := _MISSING.match(message):
+        return ConfigError(_join(prefix, [*keys, missing["field"]]), "required key is missing")
+    problem = message.replace("`", "")
+    problem = problem[:1].lower() + problem[1:]
+    found, value = _value_at(raw, keys)
+    if found and problem.startswith("expected") and ", got" in problem:
+        problem = problem.split(", got", 1)[0] + f", got {_show(value)}"
+    elif found and not problem.startswith("expected"):
+        problem += f" (got {_show(value)})"
+    elif found:
+        problem += f", got {_show(value)}"
+    return ConfigError(_join(prefix, keys), problem)
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+def _parse_path(path: str) -> list[str | int]:
+    keys: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        keys.append(int(index) if index else name)
+    return keys
+
+
+def _join(prefix: str, keys: list[str | int]) -> str:
+    out = prefix
+    for key in keys:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        else:
+            out = f"{out}.{key}" if out else key
+    return out
+
+
+def _value_at(raw: Any, keys: list[str | int]) -> tuple[bool, Any]:
+    value = raw
+    for key in keys:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, value
+
+
+def _type_at(root: Any, keys: list[str | int]) -> Any:
+    tp = root
+    for key in keys:
+        tp = _strip_annotations(tp)
+        if isinstance(key, int):
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+        elif isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            tp = typing.get_type_hints(tp).get(key, Any)
+        else:
+            return Any
+    return _strip_annotations(tp)
+
+
+def _strip_annotations(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            non_none = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(non_none) != 1:
+                return tp
+            tp = non_none[0]
+        else:
+            return tp
+
+
+def _field_names(tp: Any) -> list[str]:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return list(tp.__struct_fields__)
+    return []

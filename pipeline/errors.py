@@ -1,0 +1,54 @@
+"""Errors meant for people: each renders as one line, and carries an exit code.
+
+Exit codes (scripts rely on them): 1 runtime failure, 2 bad config or usage,
+3 the machine cannot run BPF (privilege, headers, tracefs, verifier).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BpfUnavailableError",
+    "BpfpipeError",
+    "ConfigError",
+    "StageLoadError",
+    "StageStartError",
+]
+
+
+class BpfpipeError(Exception):
+    """Base class: ``str(exc)`` is the one line the CLI prints."""
+
+    exit_code = 1
+
+
+class ConfigError(BpfpipeError):
+    """Bad configuration; the message starts with the key path."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class StageLoadError(ConfigError):
+    """A stage cannot be imported, is not a stage, or its config is wrong."""
+
+    def __init__(self, stage: str, problem: str) -> None:
+        super().__init__(f"stage {stage!r}", problem)
+        self.stage = stage
+
+
+class StageStartError(BpfpipeError):
+    """A stage raised before it said it was ready."""
+
+    def __init__(self, stage: str, problem: str) -> None:
+        self.stage = stage
+        super().__init__(f"stage {stage!r} failed to start: {problem}")
+
+
+class BpfUnavailableError(BpfpipeError):
+    """This machine or user cannot load BPF programs; says what is missing and how to fix it."""
+
+    exit_code = 3
