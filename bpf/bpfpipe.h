@@ -85,10 +85,12 @@ static __always_inline void bpfpipe_fill_hdr(struct bpfpipe_hdr *hdr, u16 type, 
     hdr->ts_ns = bpf_ktime_get_ns();
 }
 
+/* Count before submitting: once user space can see a record, its STAT_EMITTED
+ * increment is already visible, so stats read after consuming never lag the ring. */
 static __always_inline void bpfpipe_submit(void *slot)
 {
-    events.ringbuf_submit(slot, 0);
     bpfpipe_count(STAT_EMITTED);
+    events.ringbuf_submit(slot, 0);
 }
 
 #endif /* BPFPIPE_H */

@@ -48,6 +48,9 @@ class Batch:
     source: str = ""
     seq: int = 0
     read_time_ns: int = 0
+    payload: Any = None
+    """Extra per-batch data a stage hands to the next, e.g. the raw ring-buffer bytes
+    that ``events`` (one row per record: offset, length) index into."""
 
     def __post_init__(self) -> None:
         if self.weights is None:
@@ -65,7 +68,8 @@ class Batch:
     @property
     def nbytes(self) -> int:
         """Memory held by this batch's arrays (what the in-flight budget counts)."""
-        return int(self.events.nbytes + self.weights.nbytes)
+        extra = getattr(self.payload, "nbytes", 0) if self.payload is not None else 0
+        return int(self.events.nbytes + self.weights.nbytes + extra)
 
     @property
     def weight_sum(self) -> float:
@@ -79,6 +83,7 @@ class Batch:
             "source": self.source,
             "seq": self.seq,
             "read_time_ns": self.read_time_ns,
+            "payload": self.payload,
         }
         values.update(changes)
         return Batch(**values)

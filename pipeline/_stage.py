@@ -127,10 +127,12 @@ class StageContext:
     def record_unadmitted(
         self, outcome: Outcome, count: int, weight: float | None = None, *, reason: str = ""
     ) -> None:
-        """An outcome for events that never entered the pipeline (kernel-side
-        sampling, lost reservations, ring-buffer draining)."""
+        """An outcome for events this source produced but never admitted to the
+        pipeline (kernel-side sampling, lost reservations, ring-buffer draining).
+        Does not touch the in-flight budget."""
         if count > 0:
             self.ledger.record(outcome, count, weight, stage=self.name, reason=reason)
+            self.stats.dropped_events += count
 
     def error(self, exc: BaseException, what: str) -> None:
         self.stats.errors += 1
