@@ -10,6 +10,15 @@
  * Kernel-side conservation, per CPU and in total:
  *   STAT_EVENTS == STAT_SAMPLED_OUT + STAT_LOST_RESERVE + STAT_EMITTED
  * User space then accounts for every STAT_EMITTED event (read or drained).
+ *
+ * Each program's own header lists its events for the loader:
+ *   #define BPFPIPE_EVENTS(X) X(type id >= 1, struct name, event name) ...
+ * and every event struct begins with `struct bpfpipe_hdr hdr`.
+ *
+ * Compile programs through bpf/loader.py: bcc rewrites map method calls
+ * (`bpfpipe_stats.lookup()` below) only in the main file, so the loader
+ * splices this header into the program's text instead of letting clang
+ * #include it.
  */
 #ifndef BPFPIPE_H
 #define BPFPIPE_H

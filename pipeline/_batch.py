@@ -44,7 +44,7 @@ class Batch:
     """
 
     events: npt.NDArray[Any]
-    weights: npt.NDArray[np.float64] = field(default=None)  # type: ignore[assignment]
+    weights: npt.NDArray[np.float64] = field(default=None)  # type: ignore[arg-type]
     source: str = ""
     seq: int = 0
     read_time_ns: int = 0
@@ -56,9 +56,7 @@ class Batch:
         if self.weights is None:
             self.weights = _ones(len(self.events))
         elif len(self.weights) != len(self.events):
-            raise ValueError(
-                f"weights has {len(self.weights)} entries but events has {len(self.events)}"
-            )
+            raise ValueError(f"weights has {len(self.weights)} entries but events has {len(self.events)}")
         if not self.read_time_ns:
             self.read_time_ns = time.monotonic_ns()
 

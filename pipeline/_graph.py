@@ -215,8 +215,8 @@ class Pipeline:
         if held <= 0:
             return
         if ctx.stats.kind == "source":
-            # Produced but never sent: never admitted to the in-flight budget.
-            ctx.ledger.record(Outcome.STAGE_DROPPED, held, stage=ctx.name, reason=reason)
+            # Produced but never sent (stopped mid-send): never admitted to the budget.
+            ctx.ledger.record(Outcome.STAGE_DROPPED, held, stage=ctx.name, reason="stopped before send")
             ctx.stats.dropped_events += held
         else:
             ctx.drop(held, reason=reason)

@@ -69,7 +69,9 @@ def _node_spec(node: NodeConfig, kind: str, path: str) -> NodeSpec:
     base = _KIND_BASE[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         what = getattr(cls, "kind", None) or type(cls).__name__
-        raise StageLoadError(name, f"{node.use!r} is a {what}, not a {kind} ({base.__module__}.{base.__name__})")
+        raise StageLoadError(
+            name, f"{node.use!r} is a {what}, not a {kind} ({base.__module__}.{base.__name__})"
+        )
     try:
         config = msgspec.convert(node.config, cls.Config, strict=True)
     except msgspec.ValidationError as exc:

@@ -111,9 +111,7 @@ class StageContext:
     def drop_batch(self, batch: Batch, *, reason: str) -> None:
         self.drop(len(batch), batch.weight_sum, reason=reason)
 
-    def record(
-        self, outcome: Outcome, count: int, weight: float | None = None, *, reason: str = ""
-    ) -> None:
+    def record(self, outcome: Outcome, count: int, weight: float | None = None, *, reason: str = "") -> None:
         """Give ``count`` admitted events their final outcome (releases budget)."""
         if count <= 0:
             return

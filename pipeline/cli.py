@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
         p.add_argument("--metrics-port", type=int, metavar="PORT")
 
-    run = sub.add_parser("run", help="run the pipeline", epilog=EXAMPLES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run", help="run the pipeline", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     run.add_argument("--config", metavar="FILE", help="TOML config (default: $BPFPIPE_CONFIG)")
     run.add_argument("--duration", type=float, metavar="SECONDS", help="stop gracefully after this long")
     common(run)
@@ -182,7 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if debug else " (run with --debug for a traceback)"
         print(f"bpfpipe: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return 1
-
 
 
 if __name__ == "__main__":

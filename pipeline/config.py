@@ -48,12 +48,12 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     pass
 
 
-class FeatureFlags(_Section):
+class FeatureFlags(_Section, frozen=True):
     new_parser: bool = False
     enhanced_metrics: bool = False
 
 
-class NodeConfig(_Section):
+class NodeConfig(_Section, frozen=True):
     """One element of the chain. ``use`` is a built-in name (``synthetic``,
     ``jsonl``, ``null``, ``noop``, …), an entry point in the ``bpfpipe.stages``
     group, or an import path ``package.module:Class``."""
@@ -65,19 +65,19 @@ class NodeConfig(_Section):
     config: dict[str, Any] = {}
 
 
-class ChannelsConfig(_Section):
+class ChannelsConfig(_Section, frozen=True):
     capacity: Positive = 16
     """Default capacity of every channel, in batches."""
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     max_inflight_events: NonNegative = 1_048_576
     """Events admitted into the user-space pipeline and not yet given an outcome (0 = unbounded)."""
     max_inflight_bytes: NonNegative = 256 * 1024 * 1024
     """Bytes of batch arrays in flight (0 = unbounded)."""
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     log_level: LogLevel = "info"
     metrics_port: Port = 9090
     health_check_port: Port = 8080
@@ -193,7 +193,9 @@ _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
 
 
-def config_error_from(exc: msgspec.ValidationError, raw: Any, root: type[Any], prefix: str = "") -> ConfigError:
+def config_error_from(
+    exc: msgspec.ValidationError, raw: Any, root: type[Any], prefix: str = ""
+) -> ConfigError:
     """Turn msgspec's message into ``key.path: problem`` with the offending value."""
     match = _AT.match(str(exc))
     assert match is not None
@@ -212,6 +214,11 @@ def config_error_from(exc: msgspec.ValidationError, raw: Any, root: type[Any], p
     problem = message.replace("`", "")
     problem = problem[:1].lower() + problem[1:]
     found, value = _value_at(raw, keys)
+    choices = typing.get_args(_type_at(root, keys)) if problem.startswith("invalid enum value") else ()
+    if choices:
+        return ConfigError(
+            _join(prefix, keys), f"expected one of {', '.join(map(_show, choices))}, got {_show(value)}"
+        )
     if found and problem.startswith("expected") and ", got" in problem:
         problem = problem.split(", got", 1)[0] + f", got {_show(value)}"
     elif found and not problem.startswith("expected"):

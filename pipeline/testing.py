@@ -44,11 +44,15 @@ def make_batch(source: str = "test", seq: int = 0, **columns: Sequence[Any]) -> 
 
 
 class TestingSourceConfig(msgspec.Struct, frozen=True):
+    __test__ = False
+
     batches: tuple[Any, ...] = ()
 
 
 class TestingSource(Source):
     """Sends the configured batches in order, then ends the stream."""
+
+    __test__ = False  # not a pytest test class
 
     Config = TestingSourceConfig
     config: TestingSourceConfig
@@ -64,6 +68,8 @@ class TestingSource(Source):
 
 class TestingSink(BatchSink):
     """Keeps every batch it receives."""
+
+    __test__ = False
 
     def __init__(self, config: Any, ctx: StageContext) -> None:
         super().__init__(config, ctx)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Annotated
 
 import msgspec
 import numpy as np
 import trio
-from typing import Annotated
 
 from pipeline import Batch, BatchSender, Source, StageContext
 
@@ -95,7 +95,9 @@ class SyntheticSource(Source):
             want = int(min(size, remaining))
             if cfg.rate_per_s > 0:
                 now = trio.current_time()
-                credit = min(credit + (now - last) * self.rate_at(now - start), float(size))
+                # the epsilon absorbs float rounding that could otherwise leave credit a
+                # hair short forever
+                credit = min(credit + (now - last) * self.rate_at(now - start) + 1e-9, float(size))
                 last = now
                 if credit < want:
                     rate = self.rate_at(now - start)
@@ -103,7 +105,7 @@ class SyntheticSource(Source):
                         await trio.sleep(cfg.max_tick_s)
                         continue
                     if credit < 1:
-                        await trio.sleep(min((want - credit) / rate, cfg.max_tick_s))
+                        await trio.sleep(min(max((want - credit) / rate, 1e-4), cfg.max_tick_s))
                         continue
                     want = int(credit)
                 credit -= want

@@ -14,9 +14,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
@@ -24,16 +22,10 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def bpf_unavailable_reason() -> str | None:
-    """Why BPF tests cannot run here, or None if they can."""
-    if os.geteuid() != 0:
-        return "needs root (CAP_BPF and CAP_SYS_ADMIN) to load BPF programs"
-    try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
-        return f"bcc is not importable ({exc}); run 'make setup'"
-    if not os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
-        return "no kernel headers at /lib/modules/$(uname -r)/build; run 'make setup'"
-    return None
+    """Why BPF tests cannot run here (the product's own check), or None if they can."""
+    from bpf.environment import find_missing_prerequisite
+
+    return find_missing_prerequisite()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

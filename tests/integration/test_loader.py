@@ -1,0 +1,251 @@
+"""The loader: one-line errors quoting the compiler and verifier, sizing, lifecycle."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import platform
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bpf.loader import (
+    DEFAULT_MAP_SIZE,
+    DEFAULT_RING_BUFFER_PAGES,
+    MAX_MAP_SIZE,
+    MIN_MAP_SIZE,
+    BpfLoadError,
+    LoadgenProgram,
+    available_programs,
+    clamp_map_size,
+    load_program,
+    ring_buffer_pages,
+)
+from pipeline.errors import BpfUnavailableError, ConfigError
+
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+_BPF_PROG_GET_FD_BY_ID = 13
+
+
+def prog_exists(prog_id: int) -> bool:
+    """Ask the kernel whether a program id is still loaded (BPF_PROG_GET_FD_BY_ID)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 3)(prog_id, 0, 0)
+    fd = libc.syscall(_BPF_SYSCALL[platform.machine()], _BPF_PROG_GET_FD_BY_ID, attr, ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())
+    return False
+
+
+def ring_max_entries(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("max_entries:"):
+            return int(line.split()[1])
+    raise AssertionError("no max_entries in fdinfo")
+
+
+def write_program(directory: Path, name: str, source: str) -> None:
+    (directory / f"{name}.bpf.c").write_text(textwrap.dedent(source))
+
+
+# -- pure sizing rules (no kernel) ----------------------------------------------------
+
+
+def test_ring_buffer_pages_round_up_to_a_power_of_two() -> None:
+    assert ring_buffer_pages(1, 4096) == 1
+    assert ring_buffer_pages(4096, 4096) == 1
+    assert ring_buffer_pages(4097, 4096) == 2
+    assert ring_buffer_pages(5 * 4096, 4096) == 8
+    assert ring_buffer_pages(1 << 40, 4096) == 1 << 18
+    with pytest.raises(ValueError, match="positive"):
+        ring_buffer_pages(0, 4096)
+
+
+def test_map_size_is_clamped() -> None:
+    assert clamp_map_size(1) == MIN_MAP_SIZE
+    assert clamp_map_size(5000) == 5000
+    assert clamp_map_size(1 << 30) == MAX_MAP_SIZE
+    with pytest.raises(ValueError, match="positive"):
+        clamp_map_size(-1)
+
+
+def test_packaged_programs() -> None:
+    assert available_programs() == ["exec", "loadgen", "xdp_firewall"]
+
+
+def test_unknown_program_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"no BPF program 'nope' .*available: exec, loadgen, xdp_firewall"):
+        load_program("nope", ring_buffer_size=4096, map_size=1024)
+
+
+# -- against the kernel ---------------------------------------------------------------
+
+
+@pytest.mark.bpf
+def test_verifier_rejection_quotes_the_verifier(tmp_path: Path) -> None:
+    write_program(
+        tmp_path,
+        "unchecked_lookup",
+        """\
+        #include "bpfpipe.h"
+        BPF_HASH(counts, u32, u64, 16);
+        TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+        {
+            u32 key = 1;
+            u64 *value = counts.lookup(&key);
+            *value += 1; /* no NULL check: the verifier must refuse */
+            return 0;
+        }
+        """,
+    )
+    with pytest.raises(BpfLoadError) as info:
+        load_program("unchecked_lookup", ring_buffer_size=4096, map_size=1024, source_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("BPF program 'unchecked_lookup' was rejected by the kernel verifier")
+    assert "tracepoint__syscalls__sys_enter_getppid" in message
+    assert "invalid mem access 'map_value_or_null'" in message
+    assert info.value.exit_code == 3
+    assert isinstance(info.value, BpfUnavailableError)
+
+
+@pytest.mark.bpf
+def test_unchecked_packet_access_is_rejected_before_attaching(tmp_path: Path) -> None:
+    write_program(
+        tmp_path,
+        "unchecked_packet",
+        """\
+        #include "bpfpipe.h"
+        int unchecked_packet(struct xdp_md *ctx)
+        {
+            unsigned char *data = (void *)(long)ctx->data;
+            return data[20] == 6 ? XDP_DROP : XDP_PASS; /* no data_end check */
+        }
+        """,
+    )
+    with pytest.raises(BpfLoadError) as info:
+        load_program(
+            "unchecked_packet",
+            ring_buffer_size=4096,
+            map_size=1024,
+            options={"interface": "lo"},
+            source_dir=tmp_path,
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'unchecked_packet' was rejected by the kernel verifier (unchecked_packet: Permission denied)" in (
+        message
+    )
+    assert "invalid access to packet" in message
+
+
+@pytest.mark.bpf
+def test_compile_error_names_file_line_and_clang_words(tmp_path: Path) -> None:
+    write_program(
+        tmp_path,
+        "typo",
+        """\
+        #include "bpfpipe.h"
+
+        TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+        {
+            return no_such_thing;
+        }
+        """,
+    )
+    with pytest.raises(BpfLoadError) as info:
+        load_program("typo", ring_buffer_size=4096, map_size=1024, source_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("BPF program 'typo' failed to compile: ")
+    # #line markers keep the user's file and line despite the inlined headers.
+    assert f"{tmp_path / 'typo.bpf.c'}:5:" in message
+    assert "error: use of undeclared identifier 'no_such_thing'" in message
+
+
+@pytest.mark.bpf
+def test_xdp_program_without_interface_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"bpf.options.interface: .*name the interface"):
+        load_program("xdp_firewall", ring_buffer_size=4096, map_size=1024)
+    with pytest.raises(ConfigError, match=r"bpf.options.mode: must be one of skb, driver"):
+        load_program(
+            "xdp_firewall", ring_buffer_size=4096, map_size=1024, options={"interface": "lo", "mode": "hw"}
+        )
+    with pytest.raises(ConfigError, match=r"bpf.options.interface: program 'loadgen' has no such option"):
+        load_program("loadgen", ring_buffer_size=4096, map_size=1024, options={"interface": "lo"})
+
+
+@pytest.mark.bpf
+def test_ring_size_rounding_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    with (
+        caplog.at_level(logging.WARNING, logger="bpfpipe.bpf"),
+        load_program("loadgen", ring_buffer_size=5 * page, map_size=1024) as program,
+    ):
+        assert program.ring_size_bytes == 8 * page
+        assert ring_max_entries(program.ring_map_fd) == 8 * page
+    warnings = [r for r in caplog.records if r.name == "bpfpipe.bpf" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"{5 * page} bytes" in warnings[0].getMessage()
+    assert f"{8 * page} bytes (8 pages)" in warnings[0].getMessage()
+
+    caplog.clear()
+    with (
+        caplog.at_level(logging.WARNING, logger="bpfpipe.bpf"),
+        load_program("loadgen", ring_buffer_size=4 * page, map_size=1024) as program,
+    ):
+        assert ring_max_entries(program.ring_map_fd) == 4 * page
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.bpf
+def test_close_detaches_and_is_idempotent() -> None:
+    program = load_program("loadgen", ring_buffer_size=4096, map_size=1024)
+    assert isinstance(program, LoadgenProgram)
+    (attachment,) = program.attachments
+    assert attachment.function == "tracepoint__syscalls__sys_enter_getppid"
+    assert attachment.attach_point == "tracepoint:syscalls:sys_enter_getppid"
+    assert prog_exists(attachment.prog_id)
+
+    program.configure_loadgen(os.getpid(), 1)
+    os.getppid()
+    assert program.kernel_stats()["emitted"] == 1
+
+    program.close()
+    program.close()
+    assert program.closed
+    with pytest.raises(RuntimeError, match="is closed"):
+        program.kernel_stats()
+    # The kernel frees a detached program after an RCU grace period.
+    deadline = time.monotonic() + 5
+    while prog_exists(attachment.prog_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not prog_exists(attachment.prog_id)
+
+
+@pytest.mark.bpf
+def test_detach_stops_events_and_keeps_maps_readable() -> None:
+    records: list[int] = []
+    with load_program("loadgen", ring_buffer_size=None, map_size=None) as program:
+        assert isinstance(program, LoadgenProgram)
+        assert program.ring_size_bytes == DEFAULT_RING_BUFFER_PAGES * os.sysconf("SC_PAGE_SIZE")
+        assert program.map_size == DEFAULT_MAP_SIZE
+        program.configure_loadgen(os.getpid(), 3)
+        os.getppid()
+        program.detach()
+        program.detach()
+        assert program.detached and not program.closed
+        os.getppid()  # no longer observed
+        assert program.kernel_stats()["events"] == 3
+        program.bpf[b"events"].open_ring_buffer(lambda _ctx, _data, size: records.append(size) or 0)
+        program.bpf.ring_buffer_consume()
+        (attachment,) = program.attachments
+        assert prog_exists(attachment.prog_id)  # loaded, just not attached
+    assert records == [32, 32, 32]
+    assert program.closed

@@ -1,0 +1,101 @@
+"""Finding stages by import path and entry point; one-line errors for every failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import Config, build_pipeline
+from pipeline._registry import build_specs, resolve
+from pipeline.config import decode_config
+from pipeline.errors import StageLoadError
+from pipeline.testing import make_batch, run_stages
+from stages.noop import NoopStage
+
+
+def config_with(stage: dict[str, object]) -> Config:
+    return decode_config({"source": {"use": "synthetic"}, "stages": [stage], "sink": {"use": "null"}})
+
+
+def test_builtin_names_resolve_through_entry_points() -> None:
+    assert resolve("noop", stage="x") is NoopStage
+
+
+def test_import_path() -> None:
+    assert resolve("stages.noop:NoopStage", stage="x") is NoopStage
+
+
+def test_third_party_entry_point_plugin() -> None:
+    # tests/fixtures/testplugin is pip-installed into the test venv by `make test`.
+    from bpfpipe_testplugin import ScaleValue
+
+    specs, _ = build_specs(config_with({"use": "scale_value", "config": {"factor": 3}}))
+    assert specs[1].factory is ScaleValue
+    assert specs[1].config.factor == 3
+
+
+async def test_third_party_stage_runs() -> None:
+    from bpfpipe_testplugin import ScaleConfig, ScaleValue
+
+    result = await run_stages([(ScaleValue, ScaleConfig(factor=5))], [make_batch(value=[1, 2, 3])])
+    assert result.events["value"].tolist() == [5, 10, 15]
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            {"use": "nosuchpkg.mod:X"},
+            "stage 'nosuchpkg.mod:X': cannot import 'nosuchpkg.mod': No module named",
+        ),
+        (
+            {"use": "stages.noop:Nope"},
+            "stage 'stages.noop:Nope': module 'stages.noop' has no attribute 'Nope'",
+        ),
+        ({"use": "nosuch", "name": "s1"}, "stage 's1': no stage named 'nosuch' (known: "),
+        ({"use": "null"}, "stage 'null': 'null' is a sink, not a stage"),
+        ({"use": "json:dumps"}, "stage 'json:dumps': 'json:dumps' is a function, not a stage"),
+        (
+            {"use": "scale_value", "name": "scale", "config": {"factor": "x"}},
+            "stage 'scale': stages[0].config.factor: expected int, got \"x\"",
+        ),
+        (
+            {"use": "scale_value", "config": {"factr": 2}},
+            "stage 'scale_value': stages[0].config.factr: unknown key (did you mean 'factor'?)",
+        ),
+    ],
+)
+def test_load_errors_are_one_line(stage: dict[str, object], message: str) -> None:
+    with pytest.raises(StageLoadError) as info:
+        build_pipeline(config_with(stage))
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_duplicate_names_rejected() -> None:
+    config = decode_config(
+        {
+            "stages": [{"use": "noop"}, {"use": "noop"}],
+            "source": {"use": "synthetic"},
+            "sink": {"use": "null"},
+        }
+    )
+    with pytest.raises(StageLoadError, match="stage 'noop': two stages have this name"):
+        build_specs(config)
+
+
+def test_source_config_errors_name_source_path() -> None:
+    config = decode_config({"source": {"use": "synthetic", "config": {"batch_size": 0}}})
+    with pytest.raises(StageLoadError, match=r"source\.config\.batch_size: expected int >= 1, got 0"):
+        build_specs(config)
+
+
+def test_edge_capacities_default_and_override() -> None:
+    config = decode_config(
+        {
+            "channels": {"capacity": 7},
+            "stages": [{"use": "noop", "name": "a", "capacity": 3}, {"use": "noop", "name": "b"}],
+        }
+    )
+    _, capacities = build_specs(config)
+    assert capacities == [3, 7, 7]

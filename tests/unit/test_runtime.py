@@ -1,0 +1,268 @@
+"""The graph runtime: delivery, end-of-stream, error policy, shutdown, budget, accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from pipeline import (
+    Batch,
+    BatchReceiver,
+    BatchSender,
+    BatchSink,
+    BatchStage,
+    NodeSpec,
+    Outcome,
+    Pipeline,
+    Stage,
+    per_event,
+)
+from pipeline.errors import StageStartError
+from pipeline.testing import TestingSink, TestingSource, TestingSourceConfig, make_batch, run_stages
+from stages.noop import NoopStage
+from stages.null_sink import NullSink
+from stages.synthetic import SyntheticConfig, SyntheticSource
+
+
+def numbered(n_batches: int, size: int) -> list[Batch]:
+    return [make_batch(seq=i, value=np.arange(i * size, (i + 1) * size)) for i in range(n_batches)]
+
+
+class DropOdd(BatchStage):
+    def process(self, batch: Batch) -> Batch:
+        return batch.select(batch.events["value"] % 2 == 0)
+
+
+class FailOnThird(BatchStage):
+    calls = 0
+
+    def process(self, batch: Batch) -> Batch:
+        FailOnThird.calls += 1
+        if FailOnThird.calls == 3:
+            raise ValueError("boom")
+        return batch
+
+
+class DiesAfterOne(Stage):
+    async def run(self, rx: BatchReceiver, tx: BatchSender, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        batch = await rx.receive()
+        await tx.send(batch)
+        raise RuntimeError("stage crashed")
+
+
+class SwallowsSilently(Stage):
+    async def run(self, rx: BatchReceiver, tx: BatchSender, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for _ in rx:
+            pass
+
+
+class FailsToStart(Stage):
+    async def run(self, rx: BatchReceiver, tx: BatchSender, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        raise OSError("device busy")
+
+
+async def test_delivers_everything_in_order_and_balances() -> None:
+    result = await run_stages([NoopStage, NoopStage], numbered(20, 7))
+    assert result.events["value"].tolist() == list(range(140))
+    assert result.ledger.produced == 140
+    assert result.ledger.by_outcome()["delivered"] == 140
+    assert result.ledger.pending == 0
+
+
+async def test_filtered_events_are_recorded_as_dropped() -> None:
+    result = await run_stages([DropOdd], numbered(3, 10))
+    assert result.events["value"].tolist() == list(range(0, 30, 2))
+    detail = {(d["stage"], d["reason"]): d["count"] for d in result.ledger.as_dict()["detail"]}  # type: ignore[union-attr]
+    assert detail[("DropOdd-0", "filtered")] == 15
+    assert result.ledger.pending == 0
+
+
+async def test_process_error_is_counted_and_pipeline_continues() -> None:
+    FailOnThird.calls = 0
+    result = await run_stages([FailOnThird], numbered(5, 4))
+    assert len(result.events) == 16
+    stage = result.statistics.stage("FailOnThird-0")
+    assert stage.errors == 1 and "boom" in stage.last_error
+    assert result.ledger.total(Outcome.STAGE_DROPPED) == 4
+    assert result.ledger.pending == 0
+
+
+async def test_crashed_full_control_stage_does_not_block_upstream() -> None:
+    result = await run_stages([DiesAfterOne], numbered(50, 3), capacity=1)
+    assert len(result.events) == 3
+    stage = result.statistics.stage("DiesAfterOne-0")
+    assert stage.errors == 1
+    assert result.ledger.total(Outcome.STAGE_DROPPED) == 147
+    assert result.ledger.pending == 0
+
+
+async def test_events_a_stage_swallows_are_recorded_unreported() -> None:
+    result = await run_stages([SwallowsSilently], numbered(4, 5))
+    assert result.events.size == 0
+    reasons = {d["reason"] for d in result.ledger.as_dict()["detail"]}  # type: ignore[union-attr]
+    assert reasons == {"unreported"}
+    assert result.ledger.pending == 0
+
+
+async def test_stage_that_fails_before_ready_stops_startup_naming_it() -> None:
+    with pytest.raises(BaseExceptionGroup) as info:
+        await run_stages([NoopStage, FailsToStart], numbered(1, 1))
+    (err,) = info.value.exceptions
+    assert isinstance(err, StageStartError)
+    assert str(err) == "stage 'FailsToStart-1' failed to start: OSError: device busy"
+
+
+class FailingSink(BatchSink):
+    async def write(self, batch: Batch) -> None:
+        if batch.seq % 2:
+            raise OSError("disk full")
+
+
+async def test_sink_write_errors_are_dropped_with_reason() -> None:
+    specs = [
+        NodeSpec("src", TestingSource, TestingSourceConfig(tuple(numbered(4, 2)))),
+        NodeSpec("sink", FailingSink),
+    ]
+    pipe = Pipeline(specs, [2])
+    await pipe.run()
+    ledger = pipe.ledger.snapshot()
+    assert ledger.total(Outcome.DELIVERED) == 4
+    assert ledger.total(Outcome.STAGE_DROPPED) == 4
+    assert pipe.statistics().stage("sink").errors == 2
+
+
+def test_per_event_decorator() -> None:
+    @per_event
+    def keep_even_double(event: np.record) -> bool:
+        event.value *= 2
+        return bool(event.value % 4 == 0)
+
+    async def main() -> None:
+        original = make_batch(value=[1, 2, 3, 4])
+        result = await run_stages([keep_even_double], [original])
+        assert result.events["value"].tolist() == [4, 8]
+        assert original.events["value"].tolist() == [1, 2, 3, 4]  # inputs are never mutated
+        assert result.ledger.pending == 0
+
+    trio.run(main)
+    assert keep_even_double.__name__ == "keep_even_double"
+
+
+class SlowSink(BatchSink):
+    async def write(self, batch: Batch) -> None:
+        await trio.sleep(0.01)
+
+
+async def test_graceful_stop_drains_everything_admitted(autojump_clock: trio.testing.MockClock) -> None:
+    specs = [
+        NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=10)),
+        NodeSpec("noop", NoopStage),
+        NodeSpec("sink", SlowSink),
+    ]
+    pipe = Pipeline(specs, [4, 4])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        await trio.sleep(1)
+        pipe.stop()
+    ledger = pipe.ledger.snapshot()
+    sent = pipe.statistics().stage("src").sent_events
+    assert sent > 0
+    assert ledger.total(Outcome.DELIVERED) == sent  # everything admitted reaches the sink
+    # at most the one batch the source was blocked sending is given up, and says so
+    unsent = ledger.produced - sent
+    assert unsent in (0, 10)
+    assert ledger.pending == 0
+    assert pipe.budget.events == 0
+
+
+async def test_abort_records_leftovers_as_shutdown(autojump_clock: trio.testing.MockClock) -> None:
+    specs = [
+        NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=10)),
+        NodeSpec("noop", NoopStage),
+        NodeSpec("sink", SlowSink),
+    ]
+    pipe = Pipeline(specs, [4, 4])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        await trio.sleep(1)
+        pipe.abort()
+    ledger = pipe.ledger.snapshot()
+    assert ledger.pending == 0
+    shutdown = sum(t.count for k, t in ledger.outcomes.items() if k.reason == "shutdown")
+    unsent = sum(t.count for k, t in ledger.outcomes.items() if k.reason == "stopped before send")
+    assert shutdown > 0
+    assert ledger.total(Outcome.DELIVERED) + shutdown + unsent == ledger.produced
+
+
+async def test_inflight_budget_bounds_events(autojump_clock: trio.testing.MockClock) -> None:
+    specs = [
+        NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=100, total_events=10_000)),
+        NodeSpec("a", NoopStage),
+        NodeSpec("b", NoopStage),
+        NodeSpec("sink", SlowSink),
+    ]
+    pipe = Pipeline(specs, [50, 50, 50], max_inflight_events=300)
+    await pipe.run()
+    stats = pipe.statistics()
+    assert stats.budget.peak_events <= 300
+    assert stats.budget.waits > 0
+    assert stats.edges[-1].peak_depth >= 1  # the slow sink's queue filled
+    assert stats.ledger.total(Outcome.DELIVERED) == 10_000
+
+
+async def test_statistics_report_depth_within_capacity() -> None:
+    specs = [
+        NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=10, total_events=5_000)),
+        NodeSpec("noop", NoopStage),
+        NodeSpec("sink", NullSink),
+    ]
+    pipe = Pipeline(specs, [3, 2])
+    await pipe.run()
+    stats = pipe.statistics()
+    assert [e.capacity for e in stats.edges] == [3, 2]
+    assert all(0 <= e.peak_depth <= e.capacity for e in stats.edges)
+    assert stats.stage("noop").received_events == stats.stage("noop").sent_events == 5_000
+    assert stats.as_dict()["accounting"]["pending"] == 0  # type: ignore[index]
+
+
+async def test_synthetic_source_is_deterministic_and_rate_limited(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def run_once() -> tuple[np.ndarray, float]:
+        specs = [
+            NodeSpec(
+                "src",
+                SyntheticSource,
+                SyntheticConfig(rate_per_s=1000, batch_size=50, seed=7, total_events=5000),
+            ),
+            NodeSpec("sink", TestingSink),
+        ]
+        pipe = Pipeline(specs, [4])
+        start = trio.current_time()
+        await pipe.run()
+        sink = pipe.nodes[-1]
+        assert isinstance(sink, TestingSink)
+        return np.concatenate([b.events for b in sink.batches]), trio.current_time() - start
+
+    first, elapsed = await run_once()
+    second, _ = await run_once()
+    assert first["seq"].tolist() == list(range(5000))
+    assert np.array_equal(first[["pid", "cpu", "type", "value"]], second[["pid", "cpu", "type", "value"]])
+    assert 4.9 <= elapsed <= 5.2  # 5000 events at 1000/s
+
+
+async def test_synthetic_bursts_raise_the_rate(autojump_clock: trio.testing.MockClock) -> None:
+    config = SyntheticConfig(rate_per_s=100, burst_factor=10, burst_period_s=2, burst_duty=0.5, batch_size=10)
+    specs = [NodeSpec("src", SyntheticSource, config), NodeSpec("sink", NullSink)]
+    pipe = Pipeline(specs, [4])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        await trio.sleep(10)
+        pipe.stop()
+    produced = pipe.ledger.produced
+    # half the time at 1000/s, half at 100/s: ~5500 in 10 s
+    assert 5000 <= produced <= 6000
