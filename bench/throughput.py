@@ -24,7 +24,7 @@ from stages.null_sink import NullSink
 from stages.synthetic import SyntheticConfig, SyntheticSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine
 
 STAGES = 4
 

@@ -15,4 +15,5 @@ def build_pipeline(config: Config) -> Pipeline:
         capacities,
         max_inflight_events=config.limits.max_inflight_events,
         max_inflight_bytes=config.limits.max_inflight_bytes,
+        settings=config,
     )

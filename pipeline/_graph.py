@@ -28,6 +28,7 @@ import trio
 from ._channel import BatchReceiver, BatchSender, BudgetStatistics, Edge, EdgeStatistics, InflightBudget
 from ._stage import Sink, Source, Stage, StageContext, StageStatistics
 from .accounting import Ledger, LedgerSnapshot, Outcome
+from .config import Config
 from .errors import StageStartError
 
 __all__ = ["NodeSpec", "Pipeline", "PipelineStatistics"]
@@ -108,6 +109,7 @@ class Pipeline:
         max_inflight_events: int = 0,
         max_inflight_bytes: int = 0,
         ledger: Ledger | None = None,
+        settings: Config | None = None,
     ) -> None:
         if len(nodes) < 2:
             raise ValueError("a pipeline needs at least a source and a sink")
@@ -122,7 +124,9 @@ class Pipeline:
         self.ledger = ledger if ledger is not None else Ledger()
         self.budget = InflightBudget(max_inflight_events, max_inflight_bytes)
         self.specs = tuple(nodes)
-        self.contexts = [StageContext(n.name, n.factory.kind, self.ledger, self.budget) for n in nodes]
+        self.contexts = [
+            StageContext(n.name, n.factory.kind, self.ledger, self.budget, settings=settings) for n in nodes
+        ]
         self.edges = [
             Edge(f"{a.name}->{b.name}", cap) for a, b, cap in zip(nodes, nodes[1:], capacities, strict=False)
         ]

@@ -35,6 +35,7 @@ import trio
 from ._batch import Batch
 from ._channel import BatchReceiver, BatchSender, InflightBudget
 from .accounting import Ledger, Outcome
+from .config import Config
 
 __all__ = [
     "BatchSink",
@@ -91,8 +92,11 @@ class StageContext:
         ledger: Ledger,
         budget: InflightBudget,
         logger: logging.Logger | None = None,
+        settings: Config | None = None,
     ) -> None:
         self.name = name
+        self.settings = settings if settings is not None else Config()
+        """The whole effective config (e.g. ``ring_buffer_size`` for a BPF source)."""
         self.stats = StageStatistics(name, kind)
         self.ledger = ledger
         self.budget = budget

@@ -29,11 +29,12 @@ Three states, ``CLOSED`` (the initial state), ``OPEN`` and ``HALF_OPEN``:
   there is exactly one trial per half-open period). The trial's outcome decides:
   success closes the breaker, failure opens it again and restarts the timer.
 
-The breaker is driven by one caller at a time: it reports the outcome of each
-batch routed ``PRIMARY`` or ``TRIAL`` before asking about the next one. Outcomes
-reported while ``OPEN`` (which only a concurrent caller could produce) are stale
-and ignored — the table says so with self-loops. Half-open is entered lazily, when
-a batch arrives after the cooldown; with no traffic a breaker stays ``OPEN``.
+The caller reports the outcome of every batch routed ``PRIMARY`` or ``TRIAL``. The
+stage shell does so before it asks about the next batch. A caller that overlaps
+batches should know that an outcome reported while ``HALF_OPEN`` is taken to be
+the trial's, and one reported while ``OPEN`` is stale and ignored (the table's
+self-loops). Half-open is entered lazily, when a batch arrives after the
+cooldown; with no traffic a breaker stays ``OPEN``.
 
 Every change of state is a :class:`Transition`, counted, kept in a short history
 and handed to the ``on_transition`` callback (the shell logs it there).

@@ -1,0 +1,458 @@
+"""CircuitBreaker: keep a failing stage from taking the pipeline (or its events) down.
+
+Wraps a *primary* — a per-batch stage (:class:`CircuitBreakerStage`) or a batch
+sink such as an exporter (:class:`CircuitBreakerSink`) — and a *fallback*, by
+default a :class:`~stages.spool_sink.SpoolSink`. The decisions are the pure
+:class:`pipeline.breaker.CircuitBreaker` state machine's (closed → open after
+``failure_threshold`` consecutive failures, one trial batch after
+``reset_timeout_s``); this shell asks it where each batch goes and reports back.
+
+What counts as a failure, and what happens to the batch:
+
+* the primary raises: logged with the stage's name and counted; the batch goes to
+  the fallback (``Outcome.FALLBACK``, reason ``primary failed``) — never lost, and
+  the pipeline keeps running;
+* an *async* primary (a sink's ``write``, or an ``async def process``) runs under
+  ``trio.move_on_after(stage_timeout_s)``; if cancelled, the batch goes to the
+  fallback (reason ``primary timed out``). What the primary did before the
+  deadline is not undone, so an exporter may see that batch twice (at least once);
+* a *sync* ``process()`` cannot be interrupted, and is not moved to a thread (a
+  thread hop per batch costs more than most stages do, and stages need not be
+  thread-safe). Its duration on trio's clock is measured instead: one that took
+  longer than ``stage_timeout_s`` counts as a failure, and its result is still
+  used. A sync primary that hangs hangs the stage — bound its I/O itself.
+
+While the breaker is open, batches go straight to the fallback (reason
+``circuit open``). Events the fallback cannot take (a full spool) are dropped
+with reason ``spool full``; if the fallback itself raises, the batch is dropped
+with reason ``fallback failed``. Every event thus ends in exactly one outcome.
+
+State transitions are logged (logger ``bpfpipe.breaker``: opening is a warning)
+and exposed through ``statistics()`` and ``.breaker`` for metrics.
+
+Configure it with import paths (TOML), or in Python with :meth:`CircuitBreakerStage.around`::
+
+    [[stages]]
+    use = "stages.breaker:CircuitBreakerStage"
+    config = { primary = "myplugin:Enrich", fallback_config = { path = "/var/spool/bpfpipe/enrich.jsonl" } }
+
+    NodeSpec("guarded", CircuitBreakerStage.around(Enrich), CircuitBreakerConfig(failure_threshold=3))
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Protocol, Self
+
+import msgspec
+import trio
+
+from pipeline import Batch, BatchReceiver, BatchSender, BatchSink, Outcome, Sink, Stage, StageContext
+from pipeline._registry import resolve
+from pipeline.breaker import BreakerState, BreakerStatistics, CircuitBreaker, Route, Transition
+from pipeline.config import config_error_from
+from pipeline.errors import StageLoadError
+
+from .spool_sink import SPOOL_FULL, SpoolSink
+
+__all__ = [
+    "CircuitBreakerConfig",
+    "CircuitBreakerSink",
+    "CircuitBreakerStage",
+    "CircuitBreakerStatistics",
+    "Fallback",
+]
+
+log = logging.getLogger("bpfpipe.breaker")
+
+CIRCUIT_OPEN = "circuit open"
+PRIMARY_FAILED = "primary failed"
+PRIMARY_TIMED_OUT = "primary timed out"
+FALLBACK_FAILED = "fallback failed"
+
+
+class CircuitBreakerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    primary: str = ""
+    """What to protect: ``package.module:Class`` or a registered stage name. For
+    ``CircuitBreakerStage`` a stage with ``process(batch)`` (a ``BatchStage``, or one
+    whose ``process`` is ``async``); for ``CircuitBreakerSink`` a ``BatchSink``."""
+    primary_config: dict[str, Any] = {}
+    """The primary's own config table."""
+    fallback: str = "stages.spool_sink:SpoolSink"
+    """Where batches go while the primary cannot take them: a ``SpoolSink``-like class
+    (with ``spool(batch) -> int``) or any ``BatchSink``."""
+    fallback_config: dict[str, Any] = {}
+    """The fallback's config, e.g. ``{path = "...", max_bytes = ...}`` for the spool. A
+    ``SpoolSink`` without a ``path`` writes ``./bpfpipe-spool-<stage name>.jsonl``."""
+    failure_threshold: Annotated[int, msgspec.Meta(ge=1)] = 5
+    """Consecutive failures that open the breaker."""
+    reset_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """How long the breaker stays open before one trial batch tests the primary."""
+    stage_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """A batch that takes the primary longer than this is a failure; 0 = no limit."""
+
+
+class Fallback(Protocol):
+    """A breaker's fallback target. ``SpoolSink`` is one; any ``BatchSink`` is adapted."""
+
+    async def spool(self, batch: Batch) -> int:
+        """Keep a prefix of the batch; return its length (the rest is ``spool full``)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _SinkFallback:
+    """A plain ``BatchSink`` as a fallback: it takes whole batches or raises."""
+
+    def __init__(self, sink: BatchSink) -> None:
+        self._sink = sink
+
+    async def spool(self, batch: Batch) -> int:
+        await self._sink.write(batch)
+        return len(batch)
+
+    async def aclose(self) -> None:
+        await self._sink.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerStatistics:
+    breaker: BreakerStatistics
+    primary_batches: int
+    """Batches the primary completed (including slow ones)."""
+    primary_errors: int
+    primary_timeouts: int
+    """Async primaries cancelled at the deadline, plus sync ones that overran it."""
+    fallback_batches: int
+    fallback_events: int
+    """Events the fallback kept (recorded as ``Outcome.FALLBACK``)."""
+
+    @property
+    def state(self) -> BreakerState:
+        return self.breaker.state
+
+
+_Bound = tuple[type[Any], Any]
+
+
+class _Guard:
+    """The shared shell: builds primary and fallback, routes one batch at a time."""
+
+    def __init__(
+        self,
+        config: CircuitBreakerConfig,
+        ctx: StageContext,
+        *,
+        primary_kind: type[Any],
+        bound_primary: _Bound | None,
+        bound_fallback: _Bound | None,
+    ) -> None:
+        self.ctx = ctx
+        self.timeout_s = config.stage_timeout_s or math.inf
+        self.breaker = CircuitBreaker(
+            failure_threshold=config.failure_threshold,
+            reset_timeout_s=config.reset_timeout_s,
+            on_transition=self._log_transition,
+        )
+        self.primary = self._build_primary(config, primary_kind, bound_primary)
+        self.fallback = self._build_fallback(config, bound_fallback)
+        process: Any = getattr(self.primary, "write" if primary_kind is BatchSink else "process")
+        self.call_sync: Callable[[Batch], Batch | None] | None = None
+        self.call_async: Callable[[Batch], Awaitable[Batch | None]] | None = None
+        if inspect.iscoroutinefunction(process):
+            self.call_async = process
+        else:
+            self.call_sync = process
+        self.primary_batches = 0
+        self.primary_errors = 0
+        self.primary_timeouts = 0
+        self.fallback_batches = 0
+        self.fallback_events = 0
+
+    # -- building --------------------------------------------------------------------
+    def _build_primary(self, config: CircuitBreakerConfig, kind: type[Any], bound: _Bound | None) -> Any:
+        name = self.ctx.name
+        if bound is not None:
+            cls, raw = bound
+        elif config.primary:
+            cls, raw = resolve(config.primary, stage=name), config.primary_config
+        else:
+            raise StageLoadError(
+                name, "the breaker needs a primary: set config.primary = 'package.module:Class'"
+            )
+        if kind is BatchSink:
+            ok = isinstance(cls, type) and issubclass(cls, BatchSink)
+            wanted = "a BatchSink"
+        else:
+            ok = isinstance(cls, type) and issubclass(cls, Stage) and callable(getattr(cls, "process", None))
+            wanted = "a stage with process(batch) (a BatchStage)"
+        if not ok:
+            raise StageLoadError(name, f"primary {_describe(cls)} is not {wanted}")
+        return _instantiate(cls, raw, self._child("primary", cls.kind), name, "config.primary_config")
+
+    def _build_fallback(self, config: CircuitBreakerConfig, bound: _Bound | None) -> Fallback:
+        name = self.ctx.name
+        if bound is not None:
+            cls, raw = bound
+        else:
+            cls, raw = resolve(config.fallback, stage=name), config.fallback_config
+        is_sink = isinstance(cls, type) and issubclass(cls, Sink)
+        if not (is_sink and (callable(getattr(cls, "spool", None)) or issubclass(cls, BatchSink))):
+            raise StageLoadError(
+                name, f"fallback {_describe(cls)} is not a sink with spool(batch) nor a BatchSink"
+            )
+        if cls is SpoolSink and (raw is None or (isinstance(raw, dict) and "path" not in raw)):
+            # One spool file per breaker: two spools sharing a file would each think it had the room.
+            safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            raw = {**(raw or {}), "path": f"bpfpipe-spool-{safe_name}.jsonl"}
+        target = _instantiate(cls, raw, self._child("fallback", "sink"), name, "config.fallback_config")
+        if callable(getattr(target, "spool", None)):
+            spooler: Fallback = target
+            return spooler
+        return _SinkFallback(target)
+
+    def _child(self, role: str, kind: str) -> StageContext:
+        parent = self.ctx
+        return StageContext(
+            f"{parent.name}.{role}",
+            kind,
+            parent.ledger,
+            parent.budget,
+            logging.getLogger(f"bpfpipe.stage.{parent.name}.{role}"),
+        )
+
+    # -- routing ---------------------------------------------------------------------
+    async def route(self, batch: Batch) -> tuple[bool, Batch | None]:
+        """Send one batch where the breaker says. ``(True, result)`` if the primary
+        took it (the caller forwards or delivers), ``(False, None)`` if the fallback
+        did (already accounted)."""
+        if self.breaker.allow(trio.current_time()) is Route.FALLBACK:
+            await self.to_fallback(batch, CIRCUIT_OPEN)
+            return False, None
+        start = trio.current_time()
+        out: Batch | None
+        try:
+            if self.call_async is not None:
+                with trio.move_on_after(self.timeout_s) as scope:
+                    out = await self.call_async(batch)
+                if scope.cancelled_caught:
+                    self.primary_timeouts += 1
+                    took_s = trio.current_time() - start
+                    self._warn_slow(batch, took_s, "cancelled; batch sent to the fallback")
+                    self.breaker.on_failure(trio.current_time())
+                    await self.to_fallback(batch, PRIMARY_TIMED_OUT)
+                    return False, None
+            else:
+                assert self.call_sync is not None
+                out = self.call_sync(batch)
+        except Exception as exc:
+            self.primary_errors += 1
+            self.ctx.error(exc, "primary")
+            self.breaker.on_failure(trio.current_time())
+            await self.to_fallback(batch, PRIMARY_FAILED)
+            return False, None
+        now = trio.current_time()
+        self.primary_batches += 1
+        if now - start > self.timeout_s:
+            self.primary_timeouts += 1
+            self._warn_slow(batch, now - start, "counted as a failure; its result is used")
+            self.breaker.on_failure(now)
+        else:
+            self.breaker.on_success(now)
+        return True, out
+
+    async def to_fallback(self, batch: Batch, reason: str) -> None:
+        ctx = self.ctx
+        try:
+            kept = await self.fallback.spool(batch)
+        except Exception as exc:
+            ctx.error(exc, "fallback")
+            ctx.drop_batch(batch, reason=FALLBACK_FAILED)
+            return
+        self.fallback_batches += 1
+        self.fallback_events += kept
+        weights = batch.weights
+        ctx.record(Outcome.FALLBACK, kept, float(weights[:kept].sum()), reason=reason)
+        ctx.drop(len(batch) - kept, float(weights[kept:].sum()), reason=SPOOL_FULL)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.fallback.aclose()
+            finally:
+                if isinstance(self.primary, BatchSink):
+                    await self.primary.aclose()
+
+    def statistics(self) -> CircuitBreakerStatistics:
+        return CircuitBreakerStatistics(
+            breaker=self.breaker.statistics(),
+            primary_batches=self.primary_batches,
+            primary_errors=self.primary_errors,
+            primary_timeouts=self.primary_timeouts,
+            fallback_batches=self.fallback_batches,
+            fallback_events=self.fallback_events,
+        )
+
+    # -- logging ---------------------------------------------------------------------
+    def _log_transition(self, t: Transition) -> None:
+        extra = {"stage": self.ctx.name, "old_state": t.old, "new_state": t.new, "event": t.event}
+        if t.new is BreakerState.OPEN:
+            log.warning(
+                "circuit breaker opened (%s): batches go to the fallback for %g s",
+                "trial failed" if t.old is BreakerState.HALF_OPEN else "too many consecutive failures",
+                self.breaker.reset_timeout_s,
+                extra=extra,
+            )
+        elif t.new is BreakerState.HALF_OPEN:
+            log.info("circuit breaker half-open: trying the primary with one batch", extra=extra)
+        else:
+            log.info("circuit breaker closed: the primary has recovered", extra=extra)
+
+    def _warn_slow(self, batch: Batch, took_s: float, what: str) -> None:
+        log.warning(
+            "primary took %.3f s over a batch of %d events (stage_timeout_s %g): %s",
+            took_s,
+            len(batch),
+            self.timeout_s,
+            what,
+            extra={"stage": self.ctx.name},
+        )
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"{obj.__module__}:{obj.__qualname__}"
+    return repr(obj)
+
+
+def _instantiate(cls: type[Any], raw: Any, ctx: StageContext, stage: str, path: str) -> Any:
+    """Build ``cls`` with ``raw`` config: None (defaults), a table, or a ready Config."""
+    if raw is None:
+        config = cls.Config()
+    elif isinstance(raw, dict):
+        try:
+            config = msgspec.convert(raw, cls.Config, strict=True)
+        except msgspec.ValidationError as exc:
+            error = config_error_from(exc, raw, cls.Config, prefix=path)
+            raise StageLoadError(stage, str(error)) from None
+    else:
+        config = raw
+    return cls(config, ctx)
+
+
+class _Wrapping:
+    """``around()``: bind primary (and fallback) classes in Python instead of by import path."""
+
+    _bound_primary: ClassVar[_Bound | None] = None
+    _bound_fallback: ClassVar[_Bound | None] = None
+
+    @classmethod
+    def around(
+        cls,
+        primary: type[Any],
+        primary_config: Any = None,
+        *,
+        fallback: type[Sink] | None = None,
+        fallback_config: Any = None,
+    ) -> type[Self]:
+        """A subclass bound to these classes, for :class:`~pipeline.NodeSpec` and
+        ``run_stages``. Each config may be None (defaults), a table or a Config; the
+        bound classes take precedence over ``config.primary``/``config.fallback``."""
+        attrs: dict[str, Any] = {"_bound_primary": (primary, primary_config), "__module__": cls.__module__}
+        if fallback is not None:
+            attrs["_bound_fallback"] = (fallback, fallback_config)
+        return type(f"{cls.__name__}[{primary.__name__}]", (cls,), attrs)
+
+
+class CircuitBreakerStage(_Wrapping, Stage):
+    """Wraps a per-batch stage; the primary's results are sent on, fallback batches are not."""
+
+    Config = CircuitBreakerConfig
+    config: CircuitBreakerConfig
+
+    def __init__(self, config: CircuitBreakerConfig, ctx: StageContext) -> None:
+        super().__init__(config, ctx)
+        self.guard = _Guard(
+            config,
+            ctx,
+            primary_kind=Stage,
+            bound_primary=self._bound_primary,
+            bound_fallback=self._bound_fallback,
+        )
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.guard.breaker
+
+    def statistics(self) -> CircuitBreakerStatistics:
+        return self.guard.statistics()
+
+    async def run(
+        self,
+        rx: BatchReceiver,
+        tx: BatchSender,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ctx = self.ctx
+        guard = self.guard
+        task_status.started()
+        try:
+            async for batch in rx:
+                took, out = await guard.route(batch)
+                if not took:
+                    continue
+                # The primary's result, accounted as the runtime does for a BatchStage.
+                n_in, n_out = len(batch), (0 if out is None else len(out))
+                if n_out < n_in:
+                    removed = batch.weight_sum - (0.0 if out is None else out.weight_sum)
+                    ctx.drop(n_in - n_out, removed, reason="filtered")
+                elif n_out > n_in:
+                    ctx.produced(n_out - n_in)
+                    ctx.budget.admit_nowait(n_out - n_in, 0)
+                if out is not None and n_out:
+                    await tx.send(out)
+        finally:
+            await guard.aclose()
+
+
+class CircuitBreakerSink(_Wrapping, Sink):
+    """Wraps a ``BatchSink`` (an exporter): what it writes is delivered, the rest spooled."""
+
+    Config = CircuitBreakerConfig
+    config: CircuitBreakerConfig
+
+    def __init__(self, config: CircuitBreakerConfig, ctx: StageContext) -> None:
+        super().__init__(config, ctx)
+        self.guard = _Guard(
+            config,
+            ctx,
+            primary_kind=BatchSink,
+            bound_primary=self._bound_primary,
+            bound_fallback=self._bound_fallback,
+        )
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.guard.breaker
+
+    def statistics(self) -> CircuitBreakerStatistics:
+        return self.guard.statistics()
+
+    async def run(
+        self, rx: BatchReceiver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        try:
+            async for batch in rx:
+                took, _ = await self.guard.route(batch)
+                if took:
+                    self.ctx.record(Outcome.DELIVERED, len(batch), batch.weight_sum)
+        finally:
+            await self.guard.aclose()

@@ -1,0 +1,139 @@
+"""SpoolSink: JSON lines to a local file that never grows past ``max_bytes``.
+
+The circuit breaker's default fallback: while an exporter is down, its batches
+are spooled here instead of being lost, and the cap keeps a long outage from
+filling the disk. Usable as an ordinary sink too (``use = "stages.spool_sink:SpoolSink"``).
+
+Invariants:
+
+* The file only ever holds whole lines: a batch that does not fit is cut at a line
+  boundary; the events past the cut are *overflow*, never partly written.
+* The cap includes what the file already held when it was opened, so a restart
+  does not reset it. The sink never truncates or rotates the file; move it away
+  (and restart) to make room again.
+* Overflow is counted as dropped with reason ``spool full`` — by this sink when it
+  runs on its own, by the breaker when it is a fallback (:meth:`SpoolSink.spool`
+  returns how many events fit and leaves the accounting to its caller).
+
+Each line is one event as :meth:`pipeline.Batch.records` gives it (char arrays as
+text, plus ``weight``). That is per-event Python, about a microsecond an event:
+fine for a fallback path, not for a hot exporter. Writes are plain blocking file
+writes to a local disk, as in ``jsonl_sink``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import IO, Annotated, Any
+
+import msgspec
+import numpy as np
+import trio
+
+from pipeline import Batch, BatchReceiver, Outcome, Sink, StageContext
+
+__all__ = ["SPOOL_FULL", "SpoolConfig", "SpoolSink", "SpoolStatistics"]
+
+SPOOL_FULL = "spool full"
+"""The drop reason for events that did not fit under ``max_bytes``."""
+
+
+class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    path: str = "bpfpipe-spool.jsonl"
+    """File to append to (relative to the working directory); parent directories are created."""
+    max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    """Size the file may reach, counting what it held before we opened it."""
+    flush: bool = True
+    """Flush after every batch, so a crash loses at most the batch being written."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStatistics:
+    path: str
+    size_bytes: int
+    max_bytes: int
+    spooled_events: int
+    overflow_events: int
+
+
+class SpoolSink(Sink):
+    Config = SpoolConfig
+    config: SpoolConfig
+
+    def __init__(self, config: SpoolConfig, ctx: StageContext) -> None:
+        super().__init__(config, ctx)
+        self._encoder = msgspec.json.Encoder()
+        self._out: IO[bytes] | None = None
+        self.size_bytes = 0
+        """Bytes in the file (known once it has been opened)."""
+        self.spooled_events = 0
+        self.overflow_events = 0
+
+    async def spool(self, batch: Batch) -> int:
+        """Append as many of the batch's events as fit, whole lines only; return how
+        many (a prefix of the batch). Raises ``OSError`` if the file cannot be written."""
+        out = self._stream()
+        room = self.config.max_bytes - self.size_bytes
+        n = len(batch)
+        if room <= 0 or n == 0:
+            self.overflow_events += n
+            return 0
+        records: list[Any] = list(batch.records())
+        blob = self._encoder.encode_lines(records)
+        kept = n
+        if len(blob) > room:
+            # Every b"\n" in JSON-lines output ends a line (strings escape newlines).
+            line_ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0x0A) + 1
+            kept = int(np.searchsorted(line_ends, room, side="right"))
+            blob = blob[: int(line_ends[kept - 1])] if kept else b""
+        if blob:
+            out.write(blob)
+            if self.config.flush:
+                out.flush()
+            self.size_bytes += len(blob)
+        self.spooled_events += kept
+        self.overflow_events += n - kept
+        return kept
+
+    async def run(
+        self, rx: BatchReceiver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        ctx = self.ctx
+        task_status.started()
+        try:
+            async for batch in rx:
+                try:
+                    kept = await self.spool(batch)
+                except OSError as exc:
+                    ctx.error(exc, "spool()")
+                    ctx.drop_batch(batch, reason="error")
+                    continue
+                ctx.record(Outcome.DELIVERED, kept, float(batch.weights[:kept].sum()))
+                ctx.drop(len(batch) - kept, float(batch.weights[kept:].sum()), reason=SPOOL_FULL)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def statistics(self) -> SpoolStatistics:
+        return SpoolStatistics(
+            self.config.path,
+            self.size_bytes,
+            self.config.max_bytes,
+            self.spooled_events,
+            self.overflow_events,
+        )
+
+    def _stream(self) -> IO[bytes]:
+        if self._out is None:
+            parent = os.path.dirname(self.config.path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self._out = open(self.config.path, "ab")  # noqa: SIM115 - closed in aclose()
+            self.size_bytes = os.fstat(self._out.fileno()).st_size
+        return self._out
