@@ -354,6 +354,13 @@ def _prog_id(fd: int) -> int:
     return 0
 
 
+# Per program: map name -> the timestamp field of its value (None: the value is the timestamp).
+GROWING_MAPS: dict[str, dict[str, str | None]] = {
+    "exec": {"exec_procs": "start_ns"},
+    "xdp_firewall": {"rate_limit_state": None},
+}
+
+
 class LoadedProgram:
     """A compiled, verified, attached BPF program and its maps, until :meth:`close`.
 
@@ -437,6 +444,39 @@ class LoadedProgram:
     def sample_rate(self) -> int:
         table = self._table("bpfpipe_rate")
         return max(1, int(table[table.Key(0)].value))
+
+    # maps that grow with the workload (the resource enforcer bounds them)
+
+    def growing_maps(self) -> dict[str, int]:
+        """Entry counts of this program's maps that grow with the workload."""
+        return {name: len(self._table(name)) for name in GROWING_MAPS.get(self.name, {})}
+
+    def evict_oldest(self, map_name: str, keep: int) -> int:
+        """Delete the entries with the oldest timestamps until at most ``keep`` remain.
+
+        Eviction rule: every growing map has a u64 nanosecond timestamp per entry
+        (``exec_procs``: the process's fork/exec time — entries whose exit was never
+        seen are the oldest; ``rate_limit_state``: the source's last GCRA arrival
+        time — the least recently active sources). The smallest go first. Returns
+        how many entries were deleted."""
+        field = GROWING_MAPS.get(self.name, {}).get(map_name, False)
+        if field is False:
+            raise KeyError(f"{map_name!r} is not a growing map of program {self.name!r}")
+        table = self._table(map_name)
+        items = list(table.items())
+        excess = len(items) - max(0, keep)
+        if excess <= 0:
+            return 0
+        stamp = (lambda v: int(v.value)) if field is None else (lambda v: int(getattr(v, str(field))))
+        items.sort(key=lambda kv: stamp(kv[1]))
+        deleted = 0
+        for key, _ in items[:excess]:
+            try:
+                del table[key]
+                deleted += 1
+            except KeyError:  # the program deleted it meanwhile (process exited)
+                pass
+        return deleted
 
     # lifecycle
 

@@ -26,10 +26,12 @@ from typing import Any
 import trio
 
 from ._channel import BatchReceiver, BatchSender, BudgetStatistics, Edge, EdgeStatistics, InflightBudget
+from ._enforcer import ResourceEnforcer
 from ._stage import Sink, Source, Stage, StageContext, StageStatistics
 from .accounting import Ledger, LedgerSnapshot, Outcome
 from .config import Config
 from .errors import StageStartError
+from .limits import Pressure
 
 __all__ = ["NodeSpec", "Pipeline", "PipelineStatistics"]
 
@@ -85,6 +87,18 @@ class PipelineStatistics:
         }
 
 
+def _first_start_error(group: BaseExceptionGroup[BaseException]) -> StageStartError | None:
+    """A stage that failed to start is the whole story: surface it, not the nesting."""
+    for exc in group.exceptions:
+        if isinstance(exc, StageStartError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_start_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 class _StartedFlag(trio.TaskStatus[None]):
     """Wraps a TaskStatus to remember whether the node said it was ready."""
 
@@ -124,8 +138,20 @@ class Pipeline:
         self.ledger = ledger if ledger is not None else Ledger()
         self.budget = InflightBudget(max_inflight_events, max_inflight_bytes)
         self.specs = tuple(nodes)
+        self.settings = settings if settings is not None else Config()
+        self.pressure = Pressure()
+        self.services: dict[str, list[Any]] = {}
         self.contexts = [
-            StageContext(n.name, n.factory.kind, self.ledger, self.budget, settings=settings) for n in nodes
+            StageContext(
+                n.name,
+                n.factory.kind,
+                self.ledger,
+                self.budget,
+                settings=self.settings,
+                pressure=self.pressure,
+                services=self.services,
+            )
+            for n in nodes
         ]
         self.edges = [
             Edge(f"{a.name}->{b.name}", cap) for a, b, cap in zip(nodes, nodes[1:], capacities, strict=False)
@@ -133,6 +159,7 @@ class Pipeline:
         self.nodes = [spec.build(ctx) for spec, ctx in zip(nodes, self.contexts, strict=True)]
         self._source_scope = trio.CancelScope()
         self._nursery_scope: trio.CancelScope | None = None
+        self.enforcer = ResourceEnforcer(self)
         self.finished = trio.Event()
 
     # -- control --------------------------------------------------------------------
@@ -158,18 +185,37 @@ class Pipeline:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until the source ends (or ``stop()``) and everything has drained."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery_scope = nursery.cancel_scope
-                for index in reversed(range(len(self.nodes))):
-                    await nursery.start(self._run_node, index)
-                log.info(
-                    "pipeline started",
-                    extra={"stages": " -> ".join(s.name for s in self.specs)},
-                )
-                task_status.started()
+            async with trio.open_nursery() as helpers:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery_scope = nursery.cancel_scope
+                        for index in reversed(range(len(self.nodes))):
+                            await nursery.start(self._run_node, index)
+                        self._wire()
+                        await helpers.start(self.enforcer.run)
+                        log.info(
+                            "pipeline started",
+                            extra={"stages": " -> ".join(s.name for s in self.specs)},
+                        )
+                        task_status.started()
+                finally:
+                    helpers.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            start_error = _first_start_error(group)
+            if start_error is None:
+                raise
+            raise start_error from None
         finally:
             self._sweep()
             self.finished.set()
+
+    def _wire(self) -> None:
+        """Connect what sources published to the stages that use it."""
+        for gate in self.services.get("sampling_gate", []):
+            for node in self.nodes:
+                attach = getattr(node, "attach_gate", None)
+                if callable(attach):
+                    attach(gate)
 
     async def _run_node(self, index: int, task_status: trio.TaskStatus[None]) -> None:
         node = self.nodes[index]

@@ -36,6 +36,7 @@ from ._batch import Batch
 from ._channel import BatchReceiver, BatchSender, InflightBudget
 from .accounting import Ledger, Outcome
 from .config import Config
+from .limits import Pressure
 
 __all__ = [
     "BatchSink",
@@ -93,14 +94,25 @@ class StageContext:
         budget: InflightBudget,
         logger: logging.Logger | None = None,
         settings: Config | None = None,
+        pressure: Pressure | None = None,
+        services: dict[str, list[Any]] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings if settings is not None else Config()
         """The whole effective config (e.g. ``ring_buffer_size`` for a BPF source)."""
+        self.pressure = pressure if pressure is not None else Pressure()
+        """What the resource enforcer demands now (read by sources every loop)."""
+        self.services: dict[str, list[Any]] = services if services is not None else {}
         self.stats = StageStatistics(name, kind)
         self.ledger = ledger
         self.budget = budget
         self.log = logger or logging.getLogger(f"bpfpipe.stage.{name}")
+
+    def publish(self, kind: str, service: Any) -> None:
+        """Offer something to the rest of the pipeline, e.g. ``publish("sampling_gate",
+        program)`` or ``publish("bpf_program", program)``. The runtime wires published
+        sampling gates to every stage with an ``attach_gate`` method once all have started."""
+        self.services.setdefault(kind, []).append(service)
 
     # -- accounting helpers (all per batch; never per event) ---------------------------
     def produced(self, count: int, weight: float | None = None) -> None:

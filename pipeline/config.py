@@ -73,8 +73,16 @@ class ChannelsConfig(_Section, frozen=True):
 class LimitsConfig(_Section, frozen=True):
     max_inflight_events: NonNegative = 1_048_576
     """Events admitted into the user-space pipeline and not yet given an outcome (0 = unbounded)."""
-    max_inflight_bytes: NonNegative = 256 * 1024 * 1024
+    max_inflight_bytes: NonNegative = 64 * 1024 * 1024
     """Bytes of batch arrays in flight (0 = unbounded)."""
+    max_events_per_sec: NonNegative = 1_000_000
+    """Cap on events delivered per second; the adaptive sampler enforces it (0 = no cap)."""
+    max_memory_mb: NonNegative = 256
+    """Resident memory past which sources drain their ring buffers instead of waiting (0 = off)."""
+    max_map_entries: NonNegative = 65536
+    """Entries past which growing BPF maps are trimmed, oldest first (0 = off)."""
+    enforce_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    """How often the resource enforcer checks memory and maps."""
 
 
 class Config(_Section, frozen=True):

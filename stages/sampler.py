@@ -33,6 +33,7 @@ and pushed to the gate, if any.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -67,8 +68,9 @@ class AdaptiveSamplerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=T
     """Always keep at most 1 event in this many (1 = sample only under pressure)."""
     max_sample_rate: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """Never keep fewer than 1 event in this many, however bad the pressure."""
-    max_events_per_sec: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    """Cap on the rate of events this stage sends on (estimated over each period); 0 = no cap."""
+    max_events_per_sec: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    """Cap on the rate of events this stage sends on (estimated over each period); 0 = no cap;
+    unset = the pipeline's ``limits.max_events_per_sec``."""
     adjust_period_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     """How often the rate is reconsidered."""
     high_fill: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.75
@@ -101,7 +103,7 @@ class AdaptiveSamplerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=T
             low_lag_s=self.low_lag_s,
             decrease_factor=self.decrease_factor,
             increase_step=self.increase_step,
-            max_events_per_sec=self.max_events_per_sec,
+            max_events_per_sec=self.max_events_per_sec or 0.0,
             cap_hysteresis=self.cap_hysteresis,
         )
 
@@ -122,7 +124,10 @@ class AdaptiveSampler(Stage):
 
     def __init__(self, config: AdaptiveSamplerConfig, ctx: StageContext) -> None:
         super().__init__(config, ctx)
-        self._params = config.params()
+        cap = config.max_events_per_sec
+        if cap is None:
+            cap = float(ctx.settings.limits.max_events_per_sec)
+        self._params = dataclasses.replace(config.params(), max_events_per_sec=cap)
         self.policy = SamplingPolicy(self._params, now=0.0)
         self.gate: SamplingGate | None = None
         self._rng = np.random.default_rng(config.seed)

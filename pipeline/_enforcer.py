@@ -1,0 +1,94 @@
+"""The periodic resource-limit enforcer: a thin trio shell over ``limits.ResourceGovernor``.
+
+Every ``limits.enforce_interval_s`` it reads the process's resident memory and
+the entry counts of the growing maps of every BPF program sources published,
+applies the governor's actions (memory pressure on/off, map trimming), logs each
+on transition and counts it (``counts``, for metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .limits import EvictMap, MemoryPressure, ResourceGovernor
+
+if TYPE_CHECKING:
+    from ._graph import Pipeline
+
+__all__ = ["ResourceEnforcer", "read_rss_bytes"]
+
+log = logging.getLogger("bpfpipe.limits")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class ResourceEnforcer:
+    def __init__(self, pipeline: Pipeline, read_rss: Callable[[], int] = read_rss_bytes) -> None:
+        limits = pipeline.settings.limits
+        self._pipeline = pipeline
+        self._read_rss = read_rss
+        self.interval_s = limits.enforce_interval_s
+        self.governor = ResourceGovernor(
+            max_memory_bytes=limits.max_memory_mb * 1024 * 1024, max_map_entries=limits.max_map_entries
+        )
+        self.evicted_entries = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.governor.counts)
+
+    def _programs(self) -> list[Any]:
+        return [p for p in self._pipeline.services.get("bpf_program", []) if not getattr(p, "closed", False)]
+
+    def check(self) -> None:
+        """One enforcement period (also called directly by tests)."""
+        pressure = self._pipeline.pressure
+        rss = self._read_rss()
+        pressure.rss_bytes = rss
+        programs = {p.name: p for p in self._programs()}
+        entries = {
+            (name, map_name): count
+            for name, program in programs.items()
+            for map_name, count in program.growing_maps().items()
+        }
+        for action in self.governor.evaluate(rss, entries):
+            if isinstance(action, MemoryPressure):
+                pressure.memory = action.on
+                mib = action.rss_bytes / 2**20
+                if action.on:
+                    log.warning(
+                        "memory pressure: draining ring buffers instead of waiting",
+                        extra={"rss_mib": round(mib, 1), "limit_mib": action.limit_bytes // 2**20},
+                    )
+                else:
+                    log.info("memory pressure over", extra={"rss_mib": round(mib, 1)})
+            elif isinstance(action, EvictMap):
+                deleted = programs[action.program].evict_oldest(action.map_name, action.keep)
+                self.evicted_entries += deleted
+                log.warning(
+                    "map over max_map_entries: evicted oldest entries",
+                    extra={
+                        "program": action.program,
+                        "map": action.map_name,
+                        "entries": action.entries,
+                        "evicted": deleted,
+                    },
+                )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                self.check()
+            except Exception as exc:  # a failed check must not take the pipeline down
+                log.error("resource check failed: %s: %s", type(exc).__name__, exc)
+            await trio.sleep(self.interval_s)
