@@ -467,8 +467,12 @@ class LoadedProgram:
         excess = len(items) - max(0, keep)
         if excess <= 0:
             return 0
-        stamp = (lambda v: int(v.value)) if field is None else (lambda v: int(getattr(v, str(field))))
-        items.sort(key=lambda kv: stamp(kv[1]))
+
+        def stamp(item: tuple[Any, Any]) -> int:
+            value = item[1]
+            return int(value.value if field is None else getattr(value, str(field)))
+
+        items.sort(key=stamp)
         deleted = 0
         for key, _ in items[:excess]:
             try:

@@ -1,0 +1,603 @@
+"""RingBufferReader: the source that takes events from a BPF program's ring buffer.
+
+It loads the program, maps its ring buffer (:class:`bpf.ringbuf.RingBuffer`),
+sleeps in ``trio.lowlevel.wait_readable`` on the map fd and, on every wake-up,
+copies every committed record out with one slice. Nothing is decoded here: each
+batch's ``events`` has one row per record (``offset``, ``length``, ``type``; see
+:data:`RECORD_DTYPE`), its ``weights`` are the records' sampling rates, and its
+``payload`` is a :class:`RawRecords` (the copied bytes plus the program's
+:class:`EventSchema`), so :class:`stages.decoder.Decoder` needs no config of its
+own. A stage between the two may filter rows (e.g. by ``type``) for free.
+
+Accounting (see ``pipeline.accounting``)
+----------------------------------------
+The kernel counts, per CPU, every event the program produced and its fate:
+``events == sampled_out + lost_reserve + emitted``. The reader reports
+``ctx.produced`` from the ``events`` counter, and gives sampled-out and
+lost-reserve events their outcome (unadmitted: they never reached user space).
+Every emitted record is then read and sent on, or skipped and recorded as
+``DRAINED``. The pure :class:`RingAccountant` does the arithmetic:
+
+* Counters are read *after* consuming the ring. Programs count ``emitted``
+  *before* submitting a record, so the counters never lag what was read.
+* Counters are read every ``stats_interval_s``, not per batch (a read is a
+  syscall per counter). Records read since the last read are credited as
+  produced before they are sent (``produced = max(events, consumed +
+  sampled_out + lost_reserve)`` over the last counters), so ``produced`` never
+  lags what was sent, never exceeds the true count, and the next read absorbs
+  the credit.
+* At shutdown (``Pipeline.stop()`` cancels the source) the program is detached
+  first, so nothing new arrives; the rest of the ring is read and sent on
+  (shielded), or recorded as ``DRAINED`` if it cannot be sent before
+  ``shutdown_timeout_s``; the final counters are read once every in-flight
+  BPF invocation has finished. Then the source's ledger balances exactly::
+
+      produced == sent + kernel_sampled_out + lost_on_reserve + drained
+
+Weights: a record stands for ``rate`` events (its header's sampling rate), so
+sampled-out events carry weight 0 (the kept ones stand for them), and lost or
+drained events the rate last seen in the ring.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from bpf.ringbuf import RingBuffer, RingRead, SkipResult
+from pipeline import Batch, BatchSender, Outcome, Source, StageContext
+
+__all__ = [
+    "RECORD_DTYPE",
+    "UNKNOWN_TYPE",
+    "EventSchema",
+    "KernelCounters",
+    "LedgerStep",
+    "RawRecords",
+    "ReadableRing",
+    "RingAccountant",
+    "RingBufferReader",
+    "RingBufferReaderConfig",
+    "RingBufferReaderStatistics",
+    "RingProgram",
+    "raw_batch",
+]
+
+RECORD_DTYPE = np.dtype([("offset", "<u4"), ("length", "<u4"), ("type", "<u2")])
+"""One row per ring-buffer record in a reader batch: where its payload starts in
+the batch's raw bytes, its length, and the event type id from its header."""
+
+UNKNOWN_TYPE = 0xFFFF
+"""The ``type`` given to records too short to hold an event header."""
+
+
+# -- the contract between reader and decoder ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EventSchema:
+    """A program's event types: type id → numpy dtype (each starting with the
+    common header), type id → name, and the header's dtype. Derived by the
+    loader from clang's layout of the C structs: the one schema source."""
+
+    types: Mapping[int, np.dtype[Any]]
+    names: Mapping[int, str]
+    header: np.dtype[Any]
+    type_offset: int = field(init=False)
+    rate_offset: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        fields: Mapping[str, Any] = self.header.fields or {}
+        for name, size, align in (("type", 2, 2), ("rate", 4, 4)):
+            if name not in fields:
+                raise ValueError(f"event header dtype has no {name!r} field: {self.header}")
+            dtype, offset = fields[name][0], fields[name][1]
+            if dtype.kind != "u" or dtype.itemsize != size or offset % align:
+                raise ValueError(
+                    f"event header field {name!r} must be an aligned u{8 * size}, got {dtype} at {offset}"
+                )
+        object.__setattr__(self, "type_offset", fields["type"][1])
+        object.__setattr__(self, "rate_offset", fields["rate"][1])
+        for type_id, dtype in self.types.items():
+            if dtype.itemsize < self.header.itemsize:
+                raise ValueError(
+                    f"event type {type_id} ({dtype.itemsize} bytes) is smaller than the "
+                    f"{self.header.itemsize}-byte header"
+                )
+
+    @classmethod
+    def from_program(cls, program: RingProgram) -> EventSchema:
+        return cls(dict(program.event_types), dict(program.event_names), program.header_dtype)
+
+    def name(self, type_id: int) -> str:
+        return self.names.get(type_id, f"type{type_id}")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RawRecords:
+    """A reader batch's payload: the bytes copied out of the ring and their schema."""
+
+    raw: npt.NDArray[np.uint8]
+    schema: EventSchema
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+
+def raw_batch(read: RingRead, schema: EventSchema, *, source: str = "", seq: int = 0) -> Batch:
+    """The batch a reader sends for one ring read: rows of :data:`RECORD_DTYPE`,
+    weights from each header's ``rate`` (at least 1), the bytes as payload."""
+    raw = read.raw
+    offsets = read.offsets
+    lengths = read.lengths
+    rows = np.empty(len(offsets), dtype=RECORD_DTYPE)
+    rows["offset"] = offsets
+    rows["length"] = lengths
+    if len(offsets):
+        words16 = raw.view(np.uint16)
+        words32 = raw.view(np.uint32)
+        types = words16[np.minimum((offsets + schema.type_offset) >> 1, len(words16) - 1)]
+        rates = words32[np.minimum((offsets + schema.rate_offset) >> 2, len(words32) - 1)]
+        short = lengths < schema.header.itemsize
+        if short.any():
+            types[short] = UNKNOWN_TYPE
+            rates[short] = 1
+        rows["type"] = types
+        weights = np.maximum(rates, 1).astype(np.float64)
+    else:
+        weights = np.zeros(0, dtype=np.float64)
+    return Batch(rows, weights, source=source, seq=seq, payload=RawRecords(raw, schema))
+
+
+# -- what the reader needs from the loader and the ring -----------------------------------
+
+
+class RingProgram(Protocol):
+    """What the reader uses of ``bpf.loader.LoadedProgram``. An optional
+    ``detach()`` (stop the program, keep its maps) makes shutdown exact even if
+    ``kernel_stats()`` stops working after ``close()``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ring_map_fd(self) -> int: ...
+    @property
+    def ring_size_bytes(self) -> int: ...
+    @property
+    def event_types(self) -> Mapping[int, np.dtype[Any]]: ...
+    @property
+    def event_names(self) -> Mapping[int, str]: ...
+    @property
+    def header_dtype(self) -> np.dtype[Any]: ...
+    def kernel_stats(self) -> Mapping[str, int]: ...
+    def close(self) -> None: ...
+
+
+class ReadableRing(Protocol):
+    """The consumer side of a ring (:class:`bpf.ringbuf.RingBuffer` or ``SimulatedRing``)."""
+
+    @property
+    def size_bytes(self) -> int: ...
+    def read_batch(self, max_records: int | None = None) -> RingRead: ...
+    def skip(self, *, max_records: int | None = None, min_bytes: int | None = None) -> SkipResult: ...
+    def usage(self) -> float: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+# -- the pure accounting core ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCounters:
+    """Cumulative kernel-side counters (sums over CPUs) of one program."""
+
+    events: int = 0
+    sampled_out: int = 0
+    lost_reserve: int = 0
+    emitted: int = 0
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, int]) -> KernelCounters:
+        missing = [k for k in ("events", "sampled_out", "lost_reserve", "emitted") if k not in stats]
+        if missing:
+            raise ValueError(f"kernel_stats() lacks {', '.join(missing)} (got {sorted(stats)})")
+        return cls(
+            int(stats["events"]),
+            int(stats["sampled_out"]),
+            int(stats["lost_reserve"]),
+            int(stats["emitted"]),
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Events counted but not yet given a kernel-side fate (a program mid-run)."""
+        return self.events - self.sampled_out - self.lost_reserve - self.emitted
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStep:
+    """Increments for the ledger: produced events, and unadmitted outcomes."""
+
+    produced: int = 0
+    sampled_out: int = 0
+    lost_reserve: int = 0
+
+
+class RingAccountant:
+    """Turns cumulative kernel counters and the records taken from the ring into
+    ledger increments. Pure: no trio, no kernel. See the module docstring."""
+
+    def __init__(self) -> None:
+        self.kernel = KernelCounters()
+        self.consumed = 0
+        """Records taken from the ring (read or skipped)."""
+        self.produced = 0
+        self.sampled_out = 0
+        self.lost_reserve = 0
+        self.abandoned = 0
+        """Produced events given up on at shutdown (never became readable)."""
+
+    def took(self, records: int) -> int:
+        """``records`` more were taken from the ring; returns the produced increment to
+        report before sending them."""
+        if records < 0:
+            raise ValueError(f"records must be >= 0, got {records}")
+        self.consumed += records
+        return self._advance()
+
+    def observe(self, counters: KernelCounters) -> LedgerStep:
+        """New cumulative counters (read after consuming the ring)."""
+        old = self.kernel
+        if (
+            counters.events < old.events
+            or counters.sampled_out < old.sampled_out
+            or counters.lost_reserve < old.lost_reserve
+            or counters.emitted < old.emitted
+        ):
+            raise ValueError(f"kernel counters went backwards: {old} -> {counters}")
+        self.kernel = counters
+        produced = self._advance()
+        sampled = counters.sampled_out - self.sampled_out
+        lost = counters.lost_reserve - self.lost_reserve
+        self.sampled_out = counters.sampled_out
+        self.lost_reserve = counters.lost_reserve
+        return LedgerStep(produced, sampled, lost)
+
+    def _advance(self) -> int:
+        # Events the counters show, or - if more records were taken since - those records
+        # plus the events the counters gave a kernel-side fate: never more than the true
+        # count (each term is), never less than what has an outcome or was sent.
+        kernel = self.kernel
+        target = max(kernel.events, self.consumed + kernel.sampled_out + kernel.lost_reserve)
+        if target <= self.produced:
+            return 0
+        delta = target - self.produced
+        self.produced = target
+        return delta
+
+    @property
+    def unresolved(self) -> int:
+        """Produced events this source has not yet given an outcome or sent on: in
+        the ring, or counted by a program that has not finished with them."""
+        return self.produced - self.sampled_out - self.lost_reserve - self.consumed - self.abandoned
+
+    @property
+    def readable_backlog(self) -> int:
+        """Records the kernel says it emitted that have not been taken from the ring."""
+        return self.kernel.emitted - self.consumed
+
+    def abandon(self) -> int:
+        """Give up on every unresolved event (shutdown deadline); returns how many."""
+        residual = max(0, self.unresolved)
+        self.abandoned += residual
+        return residual
+
+
+# -- the stage ---------------------------------------------------------------------------
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    program: str = "exec"
+    """Which BPF program to load (``bpf/<program>.bpf.c``)."""
+    options: dict[str, Any] = {}
+    """Program options, passed to the loader (e.g. filters compiled in)."""
+    ring_buffer_size: Annotated[int, msgspec.Meta(ge=4096)] | None = None
+    """Ring buffer bytes (a power of two, whole pages); default: the program's."""
+    map_size: PositiveInt | None = None
+    """Entries of the program's hash maps; default: the program's."""
+    max_batch_records: Annotated[int, msgspec.Meta(ge=1, le=1 << 24)] = 65536
+    """Most records per batch; a fuller ring is read in several batches."""
+    idle_poll_s: Seconds = 0.25
+    """Longest sleep without a wake-up from the ring."""
+    stats_interval_s: Seconds = 0.1
+    """How often to read the kernel counters (and account for sampled and lost events)."""
+    shutdown_timeout_s: Seconds = 2.0
+    """At shutdown, how long to wait for downstream room and in-flight BPF runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class RingBufferReaderStatistics:
+    ring_size_bytes: int
+    ring_usage: float
+    """Fraction of the ring in use when last looked at (before reading)."""
+    peak_ring_usage: float
+    batches: int
+    records_read: int
+    records_drained: int
+    records_discarded: int
+    wakeups: int
+    idle_timeouts: int
+    kernel: KernelCounters
+
+
+class RingBufferReader(Source):
+    """Reads a BPF program's ring buffer; one batch of raw records per wake-up."""
+
+    Config = RingBufferReaderConfig
+    config: RingBufferReaderConfig
+
+    def __init__(self, config: RingBufferReaderConfig, ctx: StageContext) -> None:
+        super().__init__(config, ctx)
+        self.program: RingProgram | None = None
+        self.schema: EventSchema | None = None
+        self.ring_usage = 0.0
+        self.peak_ring_usage = 0.0
+        self._ring: ReadableRing | None = None
+        self._ring_size_bytes = 0
+        self._accountant = RingAccountant()
+        self._unsent: Batch | None = None
+        self._last_rate = 1.0
+        self._seq = 0
+        self._records_read = 0
+        self._records_drained = 0
+        self._records_discarded = 0
+        self._wakeups = 0
+        self._idle_timeouts = 0
+
+    # -- hooks (tests override these with simulated ones) -----------------------------
+    def load_program(self) -> RingProgram:
+        """Compile, load and attach the configured program (runs in a worker thread)."""
+        loader = importlib.import_module("bpf.loader")
+        cfg = self.config
+        program: RingProgram = loader.load_program(
+            cfg.program,
+            ring_buffer_size=cfg.ring_buffer_size,
+            map_size=cfg.map_size,
+            options=dict(cfg.options),
+        )
+        return program
+
+    def open_ring(self, program: RingProgram) -> ReadableRing:
+        return RingBuffer(program.ring_map_fd, program.ring_size_bytes)
+
+    # -- public ------------------------------------------------------------------------
+    @property
+    def accountant(self) -> RingAccountant:
+        return self._accountant
+
+    def statistics(self) -> RingBufferReaderStatistics:
+        return RingBufferReaderStatistics(
+            ring_size_bytes=self._ring_size_bytes,
+            ring_usage=self.ring_usage,
+            peak_ring_usage=self.peak_ring_usage,
+            batches=self._seq,
+            records_read=self._records_read,
+            records_drained=self._records_drained,
+            records_discarded=self._records_discarded,
+            wakeups=self._wakeups,
+            idle_timeouts=self._idle_timeouts,
+            kernel=self._accountant.kernel,
+        )
+
+    def drain_oldest(
+        self, *, max_records: int | None = None, min_bytes: int | None = None, reason: str = "ring full"
+    ) -> int:
+        """Skip the oldest committed records without reading them, to give the kernel
+        room for fresh events; they are recorded as ``Outcome.DRAINED``. Returns how
+        many were skipped. The flow-control policy decides when to call this."""
+        if self._ring is None:
+            raise RuntimeError("the reader is not running")
+        result = self._ring.skip(max_records=max_records, min_bytes=min_bytes)
+        self._records_drained += result.records
+        self._records_discarded += result.discarded
+        produced = self._accountant.took(result.records)
+        if produced:
+            self.ctx.produced(produced)
+        self.ctx.record_unadmitted(
+            Outcome.DRAINED, result.records, result.records * self._last_rate, reason=reason
+        )
+        return result.records
+
+    # -- the task ----------------------------------------------------------------------
+    async def run(
+        self, tx: BatchSender, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # Compiling takes a while, so in a worker thread. The call cannot be cancelled:
+        # stop() meanwhile takes effect at the first checkpoint after it, in _pump,
+        # and the shutdown then detaches and closes the program as usual.
+        program = await trio.to_thread.run_sync(self.load_program)
+        try:
+            self.schema = EventSchema.from_program(program)
+            self._ring = self.open_ring(program)
+        except BaseException:
+            program.close()
+            raise
+        self.program = program
+        self._ring_size_bytes = self._ring.size_bytes
+        self.ctx.log.info(
+            "reading ring buffer of BPF program %r (%d bytes)",
+            program.name,
+            self._ring.size_bytes,
+            extra={"stage": self.ctx.name},
+        )
+        task_status.started()
+        try:
+            await self._pump(tx)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown(tx)
+
+    async def _pump(self, tx: BatchSender) -> None:
+        cfg = self.config
+        ring = self._ring
+        assert ring is not None
+        fd = ring.fileno()
+        next_stats = trio.current_time() + cfg.stats_interval_s
+        while True:
+            self._observe_usage(ring.usage())
+            read = ring.read_batch(cfg.max_batch_records)
+            await self._send_read(tx, read)
+            now = trio.current_time()
+            if now >= next_stats:
+                self._refresh_counters()
+                next_stats = now + cfg.stats_interval_s
+            if read.records >= cfg.max_batch_records:
+                continue  # probably more waiting; sending was a checkpoint
+            with trio.move_on_after(min(cfg.idle_poll_s, max(0.0, next_stats - now))) as wait:
+                await trio.lowlevel.wait_readable(fd)
+            if wait.cancelled_caught:
+                self._idle_timeouts += 1
+            else:
+                self._wakeups += 1
+
+    def _observe_usage(self, usage: float) -> None:
+        self.ring_usage = usage
+        if usage > self.peak_ring_usage:
+            self.peak_ring_usage = usage
+
+    def _take(self, read: RingRead) -> Batch | None:
+        """Account for one ring read; the batch to send, if it holds records."""
+        self._records_discarded += read.discarded
+        if not read.records:
+            return None
+        assert self.schema is not None
+        self._records_read += read.records
+        batch = raw_batch(read, self.schema, source=self.ctx.name, seq=self._seq)
+        self._seq += 1
+        self._last_rate = float(batch.weights[-1])
+        produced = self._accountant.took(read.records)
+        if produced:
+            self.ctx.produced(produced)
+        return batch
+
+    async def _send_read(self, tx: BatchSender, read: RingRead) -> None:
+        batch = self._take(read)
+        if batch is None:
+            return
+        self._unsent = batch
+        await tx.send(batch)
+        self._unsent = None
+
+    def _refresh_counters(self) -> None:
+        assert self.program is not None
+        self._apply(self._accountant.observe(KernelCounters.from_stats(self.program.kernel_stats())))
+
+    def _apply(self, step: LedgerStep) -> None:
+        ctx = self.ctx
+        if step.produced:
+            ctx.produced(step.produced)
+        # Sampled-out events are represented by the kept events' weights.
+        ctx.record_unadmitted(Outcome.KERNEL_SAMPLED_OUT, step.sampled_out, 0.0)
+        ctx.record_unadmitted(Outcome.LOST_ON_RESERVE, step.lost_reserve, step.lost_reserve * self._last_rate)
+
+    # -- shutdown ----------------------------------------------------------------------
+    def _stop_program(self) -> bool:
+        """Stop new events. Returns True if that closed the program (no ``detach``)."""
+        program = self.program
+        assert program is not None
+        detach = getattr(program, "detach", None)
+        if callable(detach):
+            detach()
+            return False
+        program.close()
+        return True
+
+    def _final_counters(self) -> KernelCounters | None:
+        assert self.program is not None
+        try:
+            return KernelCounters.from_stats(self.program.kernel_stats())
+        except Exception as exc:
+            self.ctx.log.warning(
+                "cannot read kernel counters after stopping program %r (%s); accounting from "
+                "the last counters read",
+                self.program.name,
+                exc,
+                extra={"stage": self.ctx.name},
+            )
+            return None
+
+    async def _send_or_drain(self, tx: BatchSender, batch: Batch, deadline: float) -> None:
+        with trio.CancelScope(deadline=deadline):
+            try:
+                await tx.send(batch)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self.ctx.record_unadmitted(
+            Outcome.DRAINED, len(batch), batch.weight_sum, reason="shutdown: downstream did not accept"
+        )
+
+    async def _shutdown(self, tx: BatchSender) -> None:
+        if self.program is None or self._ring is None:
+            return
+        ring = self._ring
+        deadline = trio.current_time() + self.config.shutdown_timeout_s
+        closed = False
+        try:
+            closed = self._stop_program()
+            if self._unsent is not None:  # cancelled while sending
+                unsent, self._unsent = self._unsent, None
+                await self._send_or_drain(tx, unsent, deadline)
+            while True:
+                while True:
+                    read = ring.read_batch(self.config.max_batch_records)
+                    if not (read.records or read.discarded):
+                        break
+                    batch = self._take(read)
+                    if batch is not None:
+                        await self._send_or_drain(tx, batch, deadline)
+                counters = None if closed else self._final_counters()
+                if counters is None:
+                    break
+                self._apply(self._accountant.observe(counters))
+                settled = counters.in_flight == 0 and self._accountant.readable_backlog <= 0
+                if settled or trio.current_time() >= deadline:
+                    break
+                await trio.sleep(0.001)  # a program run on another CPU is finishing
+            residual = self._accountant.abandon()
+            if residual:
+                self.ctx.log.warning(
+                    "%d events of program %r never became readable before the shutdown "
+                    "deadline; recorded as drained",
+                    residual,
+                    self.program.name,
+                    extra={"stage": self.ctx.name},
+                )
+                self.ctx.record_unadmitted(
+                    Outcome.DRAINED, residual, residual * self._last_rate, reason="shutdown: unreadable"
+                )
+            elif self._accountant.unresolved < 0:
+                self.ctx.log.warning(
+                    "kernel counters of program %r account for %d fewer events than were read",
+                    self.program.name,
+                    -self._accountant.unresolved,
+                    extra={"stage": self.ctx.name},
+                )
+        finally:
+            if not closed:
+                self.program.close()
+            trio.lowlevel.notify_closing(ring.fileno())
+            ring.close()
+            self._ring = None

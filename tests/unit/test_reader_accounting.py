@@ -1,0 +1,456 @@
+"""RingBufferReader accounting, without a kernel.
+
+``FakeProgram`` plays the BPF side with the kernel's rules: it counts every
+event, passes it through a sampling gate, reserves space in a
+:class:`~bpf.ringbuf.SimulatedRing` (counting a lost reservation when full),
+counts ``emitted`` *before* committing, and can be caught mid-run (an event
+counted, its record still BUSY). The reader runs in a real pipeline; every test
+ends with the ledger balancing exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bpf.ringbuf import SimulatedRing
+from pipeline import (
+    Batch,
+    BatchSender,
+    BatchSink,
+    InflightBudget,
+    Ledger,
+    NodeSpec,
+    Outcome,
+    Pipeline,
+    StageContext,
+)
+from pipeline.testing import TestingSink
+from stages.decoder import Decoder
+from stages.reader import (
+    KernelCounters,
+    LedgerStep,
+    RingAccountant,
+    RingBufferReader,
+    RingBufferReaderConfig,
+)
+
+HEADER = np.dtype([("type", "<u2"), ("cpu", "<u2"), ("rate", "<u4"), ("ts_ns", "<u8")])
+EVENT = np.dtype([*HEADER.descr, ("seq", "<u8")])
+RECORD_BYTES = 32  # 24-byte event + 8-byte ring header
+
+
+class FakeProgram:
+    name = "fake"
+    ring_map_fd = -1
+
+    def __init__(self, ring_size: int = 1 << 14) -> None:
+        self.ring = SimulatedRing(ring_size)
+        self.ring_size_bytes = ring_size
+        self.event_types = {1: EVENT}
+        self.event_names = {1: "fake"}
+        self.header_dtype = HEADER
+        self.events = self.sampled_out = self.lost_reserve = self.emitted = 0
+        self.next_seq = 0
+        self.rate = 1
+        self.attached = True
+        self.closed = False
+        self._rng = np.random.default_rng(0)
+
+    # -- the kernel side ----------------------------------------------------------------
+    def begin(self) -> int | None:
+        """One program run up to its reservation: the event is counted, its record BUSY."""
+        assert self.attached, "event after detach"
+        self.events += 1
+        if self.rate > 1 and self._rng.integers(self.rate) != 0:
+            self.sampled_out += 1
+            return None
+        pos = self.ring.reserve(EVENT.itemsize)
+        if pos is None:
+            self.lost_reserve += 1
+            return None
+        event = np.zeros(1, dtype=EVENT)
+        event["type"] = 1
+        event["rate"] = self.rate
+        event["seq"] = self.next_seq
+        self.next_seq += 1
+        self.ring.write(pos, event.tobytes())
+        return pos
+
+    def finish(self, pos: int | None) -> None:
+        if pos is not None:
+            self.emitted += 1  # counted before submit
+            self.ring.commit(pos)
+
+    def fire(self, n: int) -> None:
+        for _ in range(n):
+            self.finish(self.begin())
+
+    # -- the loader's interface ---------------------------------------------------------
+    def kernel_stats(self) -> dict[str, int]:
+        return {
+            "events": self.events,
+            "sampled_out": self.sampled_out,
+            "lost_reserve": self.lost_reserve,
+            "emitted": self.emitted,
+            "processed": self.events,
+            "dropped": 0,
+            "errors": 0,
+        }
+
+    def detach(self) -> None:
+        self.attached = False
+
+    def close(self) -> None:
+        self.attached = False
+        self.closed = True
+
+
+class UndetachableProgram(FakeProgram):
+    """A loader without ``detach()`` whose counters vanish with ``close()``."""
+
+    detach = None  # type: ignore[assignment]
+
+    def kernel_stats(self) -> dict[str, int]:
+        if self.closed:
+            raise OSError("bad file descriptor")
+        return super().kernel_stats()
+
+
+def reader_class(program: FakeProgram) -> type[RingBufferReader]:
+    class FakeReader(RingBufferReader):
+        def load_program(self) -> Any:
+            return program
+
+        def open_ring(self, program_: Any) -> Any:
+            return program.ring
+
+    return FakeReader
+
+
+def config(**overrides: Any) -> RingBufferReaderConfig:
+    base: dict[str, Any] = {"program": "fake", "idle_poll_s": 0.02, "stats_interval_s": 0.02}
+    base.update(overrides)
+    return RingBufferReaderConfig(**base)
+
+
+def build(program: FakeProgram, *, sink: type = TestingSink, capacity: int = 4, **cfg: Any) -> Pipeline:
+    specs = [
+        NodeSpec("reader", reader_class(program), config(**cfg)),
+        NodeSpec("decoder", Decoder),
+        NodeSpec("sink", sink),
+    ]
+    return Pipeline(specs, [capacity, capacity])
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.002)
+
+
+def delivered(pipe: Pipeline) -> int:
+    return pipe.ledger.snapshot().total(Outcome.DELIVERED)
+
+
+def seqs(pipe: Pipeline) -> list[int]:
+    sink = pipe.nodes[-1]
+    assert isinstance(sink, TestingSink)
+    return [int(s) for b in sink.batches for s in b.events["seq"]]
+
+
+def assert_balanced(pipe: Pipeline, program: FakeProgram) -> None:
+    snap = pipe.ledger.snapshot()
+    assert snap.produced == program.events
+    assert snap.total(Outcome.KERNEL_SAMPLED_OUT) == program.sampled_out
+    assert snap.total(Outcome.LOST_ON_RESERVE) == program.lost_reserve
+    assert snap.pending == 0
+    pipe.ledger.check_conserved()
+    reader = pipe.statistics().stage("reader")
+    assert reader.held_events == 0  # nothing left for the runtime to call "unreported"
+    assert not any(k.reason == "unreported" for k in snap.outcomes)
+
+
+async def test_every_event_read_in_order_and_the_ledger_balances():
+    program = FakeProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        for round_ in range(5):  # more than the ring holds, in rounds
+            program.fire(300)
+            await wait_until(lambda r=round_: delivered(pipe) == 300 * (r + 1))
+        pipe.stop()
+    assert seqs(pipe) == list(range(1500))
+    assert_balanced(pipe, program)
+    reader = pipe.nodes[0]
+    assert isinstance(reader, RingBufferReader)
+    assert reader.statistics().records_read == 1500
+    assert program.closed and not program.attached
+
+
+async def test_sampled_and_lost_events_get_their_outcomes_and_weights():
+    program = FakeProgram(ring_size=1 << 12)  # 127 records fit
+    program.rate = 4
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(2000)  # no checkpoint: the reader cannot drain meanwhile
+        await wait_until(lambda: delivered(pipe) == program.emitted)
+        pipe.stop()
+    assert program.sampled_out > 1000 and program.lost_reserve > 0
+    assert_balanced(pipe, program)
+    snap = pipe.ledger.snapshot()
+    assert snap.total(Outcome.DELIVERED) == program.emitted
+    assert snap.total_weight(Outcome.DELIVERED) == 4.0 * program.emitted
+    assert snap.total_weight(Outcome.KERNEL_SAMPLED_OUT) == 0.0
+    assert snap.total_weight(Outcome.LOST_ON_RESERVE) == 4.0 * program.lost_reserve
+
+
+async def test_produced_is_credited_before_the_counters_are_read():
+    program = FakeProgram()
+    pipe = build(program, stats_interval_s=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(100)
+        await wait_until(lambda: delivered(pipe) == 100)
+        snap = pipe.ledger.snapshot()
+        assert snap.produced == 100 and snap.pending == 0  # credited from the records read
+        pipe.stop()
+    assert_balanced(pipe, program)
+
+
+async def test_shutdown_reads_what_is_left_in_the_ring():
+    program = FakeProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(200)
+        pipe.stop()  # before the reader had a chance to run
+    assert seqs(pipe) == list(range(200))
+    assert_balanced(pipe, program)
+
+
+async def test_shutdown_waits_for_a_program_run_in_flight():
+    program = FakeProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(10)
+        await wait_until(lambda: delivered(pipe) == 10)
+        pos = program.begin()  # counted, record BUSY: a run on another CPU
+        program.fire(5)  # committed behind the BUSY record
+
+        async def finish_later() -> None:
+            await trio.sleep(0.05)
+            program.finish(pos)
+
+        nursery.start_soon(finish_later)
+        pipe.stop()
+    assert seqs(pipe) == list(range(16))
+    assert_balanced(pipe, program)
+
+
+async def test_shutdown_deadline_abandons_what_never_became_readable():
+    program = FakeProgram()
+    pipe = build(program, shutdown_timeout_s=0.1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(10)
+        await wait_until(lambda: delivered(pipe) == 10)
+        program.begin()  # never finishes
+        program.fire(5)
+        pipe.stop()
+    snap = pipe.ledger.snapshot()
+    drained = {k.reason: t.count for k, t in snap.outcomes.items() if k.outcome is Outcome.DRAINED}
+    assert drained == {"shutdown: unreadable": 6}
+    assert snap.total(Outcome.DELIVERED) == 10
+    assert_balanced(pipe, program)
+
+
+class StuckSink(BatchSink):
+    async def write(self, batch: Batch) -> None:
+        await trio.sleep_forever()
+
+
+async def test_records_downstream_cannot_take_at_shutdown_are_drained():
+    program = FakeProgram()
+    pipe = build(program, sink=StuckSink, capacity=1, max_batch_records=10, shutdown_timeout_s=0.1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(100)
+        await wait_until(lambda: pipe.statistics().stage("reader").sent_events >= 40)
+        await trio.sleep(0.05)  # the reader is now blocked sending
+        pipe.stop()
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader)
+        await wait_until(lambda: reader.program is not None and program.closed)
+        pipe.abort()
+    snap = pipe.ledger.snapshot()
+    drained = sum(t.count for k, t in snap.outcomes.items() if k.outcome is Outcome.DRAINED)
+    sent = pipe.statistics().stage("reader").sent_events
+    assert drained > 0 and drained + sent == 100
+    assert_balanced(pipe, program)
+
+
+async def test_without_detach_or_counters_after_close_it_still_balances():
+    program = UndetachableProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(50)
+        await wait_until(lambda: delivered(pipe) == 50)
+        await trio.sleep(0.05)  # let a counter read happen
+        program.fire(20)  # only the records tell us about these
+        pipe.stop()
+    assert seqs(pipe) == list(range(70))
+    assert_balanced(pipe, program)
+
+
+async def test_drain_oldest_skips_and_records_drained():
+    program = FakeProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader)
+        program.fire(50)
+        assert reader.drain_oldest(max_records=20) == 20  # no checkpoint since fire()
+        await wait_until(lambda: delivered(pipe) == 30)
+        pipe.stop()
+    assert seqs(pipe) == list(range(20, 50))
+    snap = pipe.ledger.snapshot()
+    [(key, tally)] = [(k, t) for k, t in snap.outcomes.items() if k.outcome is Outcome.DRAINED]
+    assert (key.reason, tally.count) == ("ring full", 20)
+    assert reader.statistics().records_drained == 20
+    assert_balanced(pipe, program)
+
+
+async def test_wakes_on_data_not_on_the_idle_timeout():
+    program = FakeProgram()
+    pipe = build(program, idle_poll_s=30.0, stats_interval_s=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        await trio.sleep(0.05)  # the reader is now asleep in wait_readable
+        start = trio.current_time()
+        program.fire(10)
+        await wait_until(lambda: delivered(pipe) == 10, timeout=2.0)
+        assert trio.current_time() - start < 1.0
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader)
+        stats = reader.statistics()
+        assert stats.wakeups >= 1 and stats.idle_timeouts == 0
+        pipe.stop()
+    assert_balanced(pipe, program)
+
+
+async def test_batches_respect_max_records_and_usage_is_reported():
+    program = FakeProgram(ring_size=1 << 14)
+    pipe = build(program, max_batch_records=7)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(50)
+        await wait_until(lambda: delivered(pipe) == 50)
+        pipe.stop()
+    sink = pipe.nodes[-1]
+    assert isinstance(sink, TestingSink)
+    assert max(len(b) for b in sink.batches) == 7
+    assert seqs(pipe) == list(range(50))
+    reader = pipe.nodes[0]
+    assert isinstance(reader, RingBufferReader)
+    assert reader.peak_ring_usage == pytest.approx(50 * RECORD_BYTES / (1 << 14))
+    assert 0.0 <= reader.ring_usage <= reader.peak_ring_usage  # fill level at the last wake-up
+    assert reader.statistics().ring_size_bytes == 1 << 14
+    assert_balanced(pipe, program)
+
+
+async def test_stop_while_loading_closes_the_loaded_program():
+    program = FakeProgram()
+
+    class SlowReader(reader_class(program)):
+        def load_program(self) -> Any:
+            time.sleep(0.1)  # compiling, in the worker thread
+            return program
+
+    reader = SlowReader(config(), StageContext("reader", "source", Ledger(), InflightBudget()))
+    with trio.move_on_after(0.02):
+        await reader.run(cast(BatchSender, None))
+    assert program.closed
+
+
+# -- the pure accountant -------------------------------------------------------------------
+
+
+def test_accountant_arithmetic():
+    acc = RingAccountant()
+    assert acc.took(3) == 3  # records read before any counters: credited
+    step = acc.observe(KernelCounters(events=10, sampled_out=4, lost_reserve=1, emitted=5))
+    assert step == LedgerStep(produced=7, sampled_out=4, lost_reserve=1)
+    assert acc.readable_backlog == 2 and acc.unresolved == 2
+    assert acc.took(2) == 0  # already counted by the kernel
+    assert acc.unresolved == 0
+    with pytest.raises(ValueError, match="backwards"):
+        acc.observe(KernelCounters(events=9, sampled_out=4, lost_reserve=1, emitted=5))
+    with pytest.raises(ValueError, match="lacks emitted"):
+        KernelCounters.from_stats({"events": 1, "sampled_out": 0, "lost_reserve": 0})
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("run"), st.sampled_from(["sampled", "lost", "emit", "emit", "start"])),
+            st.tuples(st.just("finish"), st.sampled_from(["sampled", "lost", "emit"])),
+            st.tuples(st.just("consume"), st.integers(0, 5)),
+            st.tuples(st.just("observe"), st.just("")),
+        ),
+        max_size=120,
+    )
+)
+def test_accountant_never_over_or_under_reports(ops):
+    """Against a kernel model: produced never exceeds the true event count, never
+    lags what was taken from the ring, and is exact once everything settled."""
+    acc = RingAccountant()
+    true = {"events": 0, "sampled_out": 0, "lost_reserve": 0, "emitted": 0}
+    in_ring = in_flight = 0
+    fate_key = {"sampled": "sampled_out", "lost": "lost_reserve", "emit": "emitted"}
+    reported = 0
+
+    def check() -> None:
+        assert acc.produced == reported
+        assert acc.produced <= true["events"]
+        assert acc.unresolved >= 0
+
+    for op, arg in ops:
+        if op == "run":
+            true["events"] += 1
+            if arg == "start":
+                in_flight += 1
+            else:
+                true[fate_key[arg]] += 1
+                in_ring += arg == "emit"
+        elif op == "finish" and in_flight:
+            in_flight -= 1
+            true[fate_key[arg]] += 1
+            in_ring += arg == "emit"
+        elif op == "consume":
+            n = min(arg, in_ring)
+            in_ring -= n
+            reported += acc.took(n)
+        elif op == "observe":
+            reported += acc.observe(KernelCounters(**true)).produced
+        check()
+    while in_flight:
+        in_flight -= 1
+        true["emitted"] += 1
+        in_ring += 1
+    reported += acc.took(in_ring)
+    reported += acc.observe(KernelCounters(**true)).produced
+    check()
+    assert acc.produced == true["events"]
+    assert acc.unresolved == 0
