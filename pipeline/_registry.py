@@ -82,10 +82,16 @@ def _node_spec(node: NodeConfig, kind: str, path: str) -> NodeSpec:
 
 def build_specs(config: Config) -> tuple[list[NodeSpec], list[int]]:
     """The chain's node specs and the capacity of each edge (into nodes 1..n)."""
-    specs = [_node_spec(config.source, "source", "source")]
+    source = _node_spec(config.source, "source", "source")
+    companions = [
+        NodeConfig(use=use, name=f"{source.name}.{suffix}")
+        for suffix, use in getattr(source.factory, "follow_with", ())
+    ]
+    specs = [source]
+    specs += [_node_spec(node, "stage", f"source.follow_with[{i}]") for i, node in enumerate(companions)]
     specs += [_node_spec(node, "stage", f"stages[{i}]") for i, node in enumerate(config.stages)]
     specs.append(_node_spec(config.sink, "sink", "sink"))
-    nodes = [config.source, *config.stages, config.sink]
+    nodes = [config.source, *companions, *config.stages, config.sink]
     names = [s.name for s in specs]
     for i, name in enumerate(names):
         if name in names[:i]:

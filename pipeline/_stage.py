@@ -175,6 +175,9 @@ class Source(_Configurable, ABC):
     runtime asks it to stop; it then returns and the runtime closes ``tx``."""
 
     kind: ClassVar[str] = "source"
+    follow_with: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """Stages (name, import path) the graph builder inserts right after this source,
+    e.g. a ring-buffer reader's decoder. Named ``<source name>.<name>``."""
 
     @abstractmethod
     async def run(

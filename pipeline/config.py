@@ -93,7 +93,7 @@ class Config(_Section, frozen=True):
     ring_buffer_size: Positive = 262144
     enable_debug: bool = False
     feature_flags: FeatureFlags = FeatureFlags()
-    source: NodeConfig = NodeConfig(use="synthetic", config={"rate_per_s": 1000, "batch_size": 64})
+    source: NodeConfig = NodeConfig(use="exec")
     stages: list[NodeConfig] = []
     sink: NodeConfig = NodeConfig(use="jsonl")
     channels: ChannelsConfig = ChannelsConfig()

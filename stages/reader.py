@@ -44,7 +44,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import msgspec
 import numpy as np
@@ -325,6 +325,26 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     """How often to read the kernel counters (and account for sampled and lost events)."""
     shutdown_timeout_s: Seconds = 2.0
     """At shutdown, how long to wait for downstream room and in-flight BPF runs."""
+    overflow: Literal["drain_oldest", "block"] = "drain_oldest"
+    """What to do while downstream cannot accept. ``block``: back-pressure only — the
+    ring fills and the kernel then fails reservations (counted as lost_on_reserve):
+    the *newest* events are lost and the ring holds stale ones. ``drain_oldest``:
+    past ``drain_high_watermark`` of ring usage (or under memory pressure) skip the
+    oldest records unread (counted as drained) so the kernel keeps writing fresh
+    events: the *oldest* are lost and what is delivered stays current."""
+    drain_high_watermark: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
+    """Ring usage at which draining starts (while downstream is blocked)."""
+    drain_low_watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.5
+    """Ring usage draining brings the ring down to."""
+    drain_check_s: Seconds = 0.01
+    """While blocked sending, how often to look at ring usage and memory pressure."""
+
+    def __post_init__(self) -> None:
+        if self.drain_low_watermark >= self.drain_high_watermark:
+            raise ValueError(
+                f"drain_low_watermark ({self.drain_low_watermark}) must be below "
+                f"drain_high_watermark ({self.drain_high_watermark})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +367,8 @@ class RingBufferReader(Source):
 
     Config = RingBufferReaderConfig
     config: RingBufferReaderConfig
+    follow_with: ClassVar[tuple[tuple[str, str], ...]] = (("decoder", "stages.decoder:Decoder"),)
+    """Raw records need decoding: the graph builder puts a decoder right after this source."""
 
     def __init__(self, config: RingBufferReaderConfig, ctx: StageContext) -> None:
         super().__init__(config, ctx)
@@ -365,16 +387,18 @@ class RingBufferReader(Source):
         self._records_discarded = 0
         self._wakeups = 0
         self._idle_timeouts = 0
+        self._draining = False
 
     # -- hooks (tests override these with simulated ones) -----------------------------
     def load_program(self) -> RingProgram:
         """Compile, load and attach the configured program (runs in a worker thread)."""
         loader = importlib.import_module("bpf.loader")
         cfg = self.config
+        settings = self.ctx.settings
         program: RingProgram = loader.load_program(
             cfg.program,
-            ring_buffer_size=cfg.ring_buffer_size,
-            map_size=cfg.map_size,
+            ring_buffer_size=cfg.ring_buffer_size or settings.ring_buffer_size,
+            map_size=cfg.map_size or settings.bpf_map_size,
             options=dict(cfg.options),
         )
         return program
@@ -436,6 +460,9 @@ class RingBufferReader(Source):
             raise
         self.program = program
         self._ring_size_bytes = self._ring.size_bytes
+        self.ctx.publish("bpf_program", program)
+        if callable(getattr(program, "set_sample_rate", None)):
+            self.ctx.publish("sampling_gate", program)
         self.ctx.log.info(
             "reading ring buffer of BPF program %r (%d bytes)",
             program.name,
@@ -497,8 +524,42 @@ class RingBufferReader(Source):
         if batch is None:
             return
         self._unsent = batch
-        await tx.send(batch)
+        if self.config.overflow == "block":
+            await tx.send(batch)
+        else:
+            while True:
+                with trio.move_on_after(self.config.drain_check_s) as blocked:
+                    await tx.send(batch)
+                if not blocked.cancelled_caught:
+                    break
+                self._drain_if_needed()
         self._unsent = None
+
+    def _drain_if_needed(self) -> int:
+        """Downstream is blocked: drain the oldest records when the ring is nearly
+        full (down to the low watermark) or under memory pressure (all of them)."""
+        ring = self._ring
+        assert ring is not None
+        usage = ring.usage()
+        self._observe_usage(usage)
+        cfg = self.config
+        if self.ctx.pressure.memory:
+            target, reason = 0.0, "memory pressure"
+        elif usage >= cfg.drain_high_watermark:
+            target, reason = cfg.drain_low_watermark, "ring full"
+        else:
+            return 0
+        excess = int((usage - target) * ring.size_bytes)
+        if excess <= 0:
+            return 0
+        drained = self.drain_oldest(min_bytes=excess, reason=reason)
+        if drained and not self._draining:
+            self.ctx.log.warning(
+                "downstream blocked: draining oldest ring-buffer records",
+                extra={"stage": self.ctx.name, "reason": reason, "ring_usage": round(usage, 3)},
+            )
+        self._draining = drained > 0
+        return drained
 
     def _refresh_counters(self) -> None:
         assert self.program is not None

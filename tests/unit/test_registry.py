@@ -93,9 +93,21 @@ def test_source_config_errors_name_source_path() -> None:
 def test_edge_capacities_default_and_override() -> None:
     config = decode_config(
         {
+            "source": {"use": "synthetic"},
             "channels": {"capacity": 7},
             "stages": [{"use": "noop", "name": "a", "capacity": 3}, {"use": "noop", "name": "b"}],
         }
     )
     _, capacities = build_specs(config)
     assert capacities == [3, 7, 7]
+
+
+def test_bpf_sources_get_their_decoder_inserted() -> None:
+    from stages.decoder import Decoder
+    from stages.programs import ExecSource
+
+    config = decode_config({"stages": [{"use": "noop"}], "sink": {"use": "null"}})
+    specs, capacities = build_specs(config)  # the default source is the exec program
+    assert [(s.name, s.factory) for s in specs[:2]] == [("exec", ExecSource), ("exec.decoder", Decoder)]
+    assert [s.name for s in specs[2:]] == ["noop", "null"]
+    assert len(capacities) == 3
