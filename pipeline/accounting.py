@@ -81,6 +81,15 @@ class LedgerSnapshot:
     def total_weight(self, outcome: Outcome) -> float:
         return sum(t.weight for k, t in self.outcomes.items() if k.outcome is outcome)
 
+    def estimated_true_count(self) -> float:
+        """Sampling-weighted estimate of how many events really happened.
+
+        A kept event's weight stands for itself and the events sampled out beside it,
+        so sampled-out outcomes are left out (they would count twice); every other
+        outcome is an exact count of real events, weighted by the rate in effect."""
+        sampled = (Outcome.KERNEL_SAMPLED_OUT, Outcome.USER_SAMPLED_OUT)
+        return sum(t.weight for k, t in self.outcomes.items() if k.outcome not in sampled)
+
     def by_outcome(self) -> dict[str, int]:
         result = {o.value: 0 for o in Outcome}
         for key, tally in self.outcomes.items():
