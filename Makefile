@@ -39,6 +39,7 @@ unit: $(STAMP)
 bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/ringbuf.py
+	$(BIN)/python bench/overload.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
