@@ -46,6 +46,7 @@ the same reading API: a test double for readers and flow-control policies.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import mmap
 import os
@@ -345,7 +346,7 @@ class RingRead(NamedTuple):
         return len(self.offsets)
 
 
-class _RingReader:
+class _RingReader(abc.ABC):
     """Consumer-side operations shared by the real and the simulated ring."""
 
     size_bytes: int
@@ -353,14 +354,14 @@ class _RingReader:
     _words: npt.NDArray[np.uint32]
     _bytes: npt.NDArray[np.uint8]
 
-    def _producer_pos(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _producer_pos(self) -> int: ...
 
-    def _consumer_pos(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _consumer_pos(self) -> int: ...
 
-    def _publish_consumer_pos(self, pos: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _publish_consumer_pos(self, pos: int) -> None: ...
 
     @property
     def producer_pos(self) -> int:

@@ -18,7 +18,14 @@ from stages.programs import LoadgenConfig, LoadgenSource
 from stages.sampler import AdaptiveSampler, AdaptiveSamplerConfig
 
 SINK_EVENTS_PER_S = 20_000
-PRODUCER = "import os, sys, time\nsys.stdin.readline()\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    for _ in range(1000): os.getppid()\n"
+PRODUCER = """\
+import os, sys, time
+sys.stdin.readline()
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    for _ in range(1000):
+        os.getppid()
+"""
 
 
 class SlowSink(BatchSink):
