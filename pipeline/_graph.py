@@ -30,7 +30,7 @@ from ._enforcer import ResourceEnforcer
 from ._stage import Sink, Source, Stage, StageContext, StageStatistics
 from .accounting import Ledger, LedgerSnapshot, Outcome
 from .config import Config
-from .errors import StageStartError
+from .errors import BpfpipeError, StageStartError
 from .limits import Pressure
 
 __all__ = ["NodeSpec", "Pipeline", "PipelineStatistics"]
@@ -163,6 +163,11 @@ class Pipeline:
         self.finished = trio.Event()
 
     # -- control --------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` (or ``abort()``) has been called."""
+        return self._source_scope.cancel_called
+
     def stop(self) -> None:
         """Graceful: stop the source; everything admitted drains to the sink."""
         self._source_scope.cancel()
@@ -237,6 +242,8 @@ class Pipeline:
                 await node.run(rx, task_status=status)
         except Exception as exc:
             if not status.is_started:
+                if isinstance(exc, BpfpipeError):  # already written for people
+                    raise StageStartError(ctx.name, str(exc), exc.exit_code) from exc
                 raise StageStartError(ctx.name, f"{type(exc).__name__}: {exc}") from exc
             failed = True
             ctx.error(exc, "run()")

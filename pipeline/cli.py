@@ -109,7 +109,7 @@ async def _run(pipe: Pipeline, duration: float | None) -> None:
                 async for signum in signals:
                     if pipe.finished.is_set():
                         return
-                    if pipe._source_scope.cancel_called:
+                    if pipe.stopping:
                         log.warning("second signal: aborting", extra={"signal": signum})
                         pipe.abort()
                     else:

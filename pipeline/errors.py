@@ -41,10 +41,12 @@ class StageLoadError(ConfigError):
 
 
 class StageStartError(BpfpipeError):
-    """A stage raised before it said it was ready."""
+    """A stage raised before it said it was ready. Keeps the exit code of a
+    :class:`BpfpipeError` cause (e.g. 3 when BPF is unavailable)."""
 
-    def __init__(self, stage: str, problem: str) -> None:
+    def __init__(self, stage: str, problem: str, exit_code: int = 1) -> None:
         self.stage = stage
+        self.exit_code = exit_code
         super().__init__(f"stage {stage!r} failed to start: {problem}")
 
 

@@ -122,3 +122,27 @@ def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
     proc = bpfpipe("--debug", "check", str(config))
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr
+
+
+def _as_unprivileged() -> list[str]:
+    """Run the CLI without root: as is when we are not root, else via setpriv as nobody."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+def test_not_root_says_what_is_missing_exit_3(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    proc = subprocess.run(
+        [*_as_unprivileged(), *BPFPIPE, "run", "--source", "exec", "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**CLEAN_ENV, "HOME": str(tmp_path)},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bpfpipe: error: stage 'exec' failed to start: BPF unavailable: not running as root")
+    assert "CAP_BPF" in last and "--source synthetic" in last
+    assert "Traceback" not in proc.stderr
