@@ -143,6 +143,7 @@ def test_not_root_says_what_is_missing_exit_3(tmp_path: Path) -> None:
     )
     assert proc.returncode == 3, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("bpfpipe: error: stage 'exec' failed to start: BPF unavailable: not running as root")
+    prefix = "bpfpipe: error: stage 'exec' failed to start: BPF unavailable: not running as root"
+    assert last.startswith(prefix)
     assert "CAP_BPF" in last and "--source synthetic" in last
     assert "Traceback" not in proc.stderr
