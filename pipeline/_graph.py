@@ -153,6 +153,8 @@ class Pipeline:
             )
             for n in nodes
         ]
+        for ctx in self.contexts:
+            ctx.request_stop = self.stop
         self.edges = [
             Edge(f"{a.name}->{b.name}", cap) for a, b, cap in zip(nodes, nodes[1:], capacities, strict=False)
         ]

@@ -36,6 +36,7 @@ from ._batch import Batch
 from ._channel import BatchReceiver, BatchSender, InflightBudget
 from .accounting import Ledger, Outcome
 from .config import Config
+from .errors import SinkClosed
 from .limits import Pressure
 
 __all__ = [
@@ -103,6 +104,8 @@ class StageContext:
         self.pressure = pressure if pressure is not None else Pressure()
         """What the resource enforcer demands now (read by sources every loop)."""
         self.services: dict[str, list[Any]] = services if services is not None else {}
+        self.request_stop: Callable[[], None] = lambda: None
+        """Ask the pipeline for a graceful stop (set by the runtime)."""
         self.stats = StageStatistics(name, kind)
         self.ledger = ledger
         self.budget = budget
@@ -267,6 +270,13 @@ class BatchSink(Sink):
             async for batch in rx:
                 try:
                     await self.write(batch)
+                except SinkClosed as exc:
+                    ctx.log.warning("output closed (%s): stopping", exc, extra={"stage": ctx.name})
+                    ctx.drop_batch(batch, reason="output closed")
+                    ctx.request_stop()
+                    async for rest in rx:
+                        ctx.drop_batch(rest, reason="output closed")
+                    break
                 except Exception as exc:
                     ctx.error(exc, "write()")
                     ctx.drop_batch(batch, reason="error")

@@ -10,6 +10,7 @@ __all__ = [
     "BpfUnavailableError",
     "BpfpipeError",
     "ConfigError",
+    "SinkClosed",
     "StageLoadError",
     "StageStartError",
 ]
@@ -54,3 +55,9 @@ class BpfUnavailableError(BpfpipeError):
     """This machine or user cannot load BPF programs; says what is missing and how to fix it."""
 
     exit_code = 3
+
+
+class SinkClosed(Exception):
+    """Raised by a sink's ``write`` when its output is gone for good (e.g. the
+    reader of stdout exited). The runtime then stops the pipeline gracefully and
+    records what can no longer be written as dropped (reason ``output closed``)."""

@@ -7,12 +7,14 @@ Char-array fields are written as text; every event carries its ``weight``.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO, Any
 
 import msgspec
 
 from pipeline import Batch, BatchSink, StageContext
+from pipeline.errors import SinkClosed
 
 
 class JsonLinesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -42,9 +44,18 @@ class JsonLinesSink(BatchSink):
     async def write(self, batch: Batch) -> None:
         records: list[Any] = list(batch.records())
         out = self._stream()
-        out.write(self._encoder.encode_lines(records))
-        if self.config.flush:
-            out.flush()
+        try:
+            out.write(self._encoder.encode_lines(records))
+            if self.config.flush:
+                out.flush()
+        except BrokenPipeError:
+            if out is sys.stdout.buffer:
+                # Whoever read our stdout is gone (e.g. `bpfpipe run | head`): point fd 1
+                # at /dev/null so the interpreter's final flush does not complain.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            raise SinkClosed(f"{self.config.path}: broken pipe") from None
 
     async def aclose(self) -> None:
         if self._out is None:

@@ -147,3 +147,22 @@ def test_not_root_says_what_is_missing_exit_3(tmp_path: Path) -> None:
     assert last.startswith(prefix)
     assert "CAP_BPF" in last and "--source synthetic" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_closed_stdout_stops_gracefully() -> None:
+    """`bpfpipe run | head -1`: the reader goes away; we stop cleanly, exit 0."""
+    proc = subprocess.Popen(
+        [*BPFPIPE, "run", "--source", "synthetic"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLEAN_ENV,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=30)
+    assert json.loads(first)["seq"] == 0
+    assert proc.returncode == 0, stderr
+    assert "output closed" in stderr and "pending=0" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
