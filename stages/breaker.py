@@ -409,14 +409,8 @@ class CircuitBreakerStage(_Wrapping, Stage):
                 if not took:
                     continue
                 # The primary's result, accounted as the runtime does for a BatchStage.
-                n_in, n_out = len(batch), (0 if out is None else len(out))
-                if n_out < n_in:
-                    removed = batch.weight_sum - (0.0 if out is None else out.weight_sum)
-                    ctx.drop(n_in - n_out, removed, reason="filtered")
-                elif n_out > n_in:
-                    ctx.produced(n_out - n_in)
-                    ctx.budget.admit_nowait(n_out - n_in, 0)
-                if out is not None and n_out:
+                if ctx.account_transform(batch, out):
+                    assert out is not None
                     await tx.send(out)
         finally:
             await guard.aclose()
