@@ -130,6 +130,20 @@ class StageContext:
     def drop_batch(self, batch: Batch, *, reason: str) -> None:
         self.drop(len(batch), batch.weight_sum, reason=reason)
 
+    def account_transform(self, batch: Batch, out: Batch | None) -> bool:
+        """Account for a per-batch transform of ``batch`` into ``out``: events it
+        removed are dropped (reason ``filtered``), events it added are produced here.
+        Returns whether ``out`` has events to send on."""
+        n_in = len(batch)
+        n_out = 0 if out is None else len(out)
+        if n_out < n_in:
+            removed_weight = batch.weight_sum - (0.0 if out is None else out.weight_sum)
+            self.drop(n_in - n_out, removed_weight, reason="filtered")
+        elif n_out > n_in:
+            self.produced(n_out - n_in)
+            self.budget.admit_nowait(n_out - n_in, 0)
+        return n_out > 0
+
     def record(self, outcome: Outcome, count: int, weight: float | None = None, *, reason: str = "") -> None:
         """Give ``count`` admitted events their final outcome (releases budget)."""
         if count <= 0:
@@ -227,15 +241,8 @@ class BatchStage(Stage):
                 ctx.error(exc, "process()")
                 ctx.drop_batch(batch, reason="error")
                 continue
-            n_in = len(batch)
-            n_out = 0 if out is None else len(out)
-            if n_out < n_in:
-                removed_weight = batch.weight_sum - (0.0 if out is None else out.weight_sum)
-                ctx.drop(n_in - n_out, removed_weight, reason="filtered")
-            elif n_out > n_in:
-                ctx.produced(n_out - n_in)
-                ctx.budget.admit_nowait(n_out - n_in, 0)
-            if out is not None and n_out:
+            if ctx.account_transform(batch, out):
+                assert out is not None
                 await tx.send(out)
 
 
