@@ -50,16 +50,25 @@ class ResourceEnforcer:
         return [p for p in self._pipeline.services.get("bpf_program", []) if not getattr(p, "closed", False)]
 
     def check(self) -> None:
-        """One enforcement period (also called directly by tests)."""
+        """One enforcement period (also called directly by tests).
+
+        A program whose maps cannot be read or trimmed is logged and skipped for this
+        period: it must not leave the memory limit, or the other maps, unenforced."""
         pressure = self._pipeline.pressure
         rss = self._read_rss()
         pressure.rss_bytes = rss
         programs = {p.name: p for p in self._programs()}
-        entries = {
-            (name, map_name): count
-            for name, program in programs.items()
-            for map_name, count in program.growing_maps().items()
-        }
+        entries: dict[tuple[str, str], int] = {}
+        for name, program in programs.items():
+            growing_maps = getattr(program, "growing_maps", None)
+            if growing_maps is None:  # not part of a reader's RingProgram contract: nothing to trim
+                continue
+            try:
+                counts = growing_maps()
+            except Exception as exc:
+                log.error("cannot read the maps of BPF program %r: %s: %s", name, type(exc).__name__, exc)
+                continue
+            entries.update(((name, map_name), count) for map_name, count in counts.items())
         for action in self.governor.evaluate(rss, entries):
             if isinstance(action, MemoryPressure):
                 pressure.memory = action.on
@@ -72,7 +81,17 @@ class ResourceEnforcer:
                 else:
                     log.info("memory pressure over", extra={"rss_mib": round(mib, 1)})
             elif isinstance(action, EvictMap):
-                deleted = programs[action.program].evict_oldest(action.map_name, action.keep)
+                try:
+                    deleted = programs[action.program].evict_oldest(action.map_name, action.keep)
+                except Exception as exc:
+                    log.error(
+                        "cannot trim map %r of BPF program %r: %s: %s",
+                        action.map_name,
+                        action.program,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    continue
                 self.evicted_entries += deleted
                 log.warning(
                     "map over max_map_entries: evicted oldest entries",

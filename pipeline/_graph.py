@@ -255,9 +255,12 @@ class Pipeline:
         finally:
             if tx is not None:
                 tx.close()
+        # Settle what the node still holds *before* draining its input: that releases
+        # its in-flight budget, and the source may be waiting for exactly that room
+        # before it can send on and, eventually, end the stream the drain waits for.
+        self._settle(ctx, "stage failed" if failed else "unreported")
         if rx is not None:
             await self._drain_input(rx, ctx, "stage failed" if failed else "unconsumed")
-        self._settle(ctx, "stage failed" if failed else "unreported")
 
     @staticmethod
     async def _drain_input(rx: BatchReceiver, ctx: StageContext, reason: str) -> None:

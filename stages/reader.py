@@ -527,12 +527,16 @@ class RingBufferReader(Source):
         if self.config.overflow == "block":
             await tx.send(batch)
         else:
+            waited = False
             while True:
                 with trio.move_on_after(self.config.drain_check_s) as blocked:
                     await tx.send(batch)
                 if not blocked.cancelled_caught:
                     break
+                waited = True
                 self._drain_if_needed()
+            if not waited:  # downstream keeps up again: the next drain is a new episode, and says so
+                self._draining = False
         self._unsent = None
 
     def _drain_if_needed(self) -> int:
