@@ -1,4 +1,5 @@
-"""The adaptive sampler's policy: pure AIMD on an integer sampling rate, plus a rate cap.
+"""The adaptive sampler's policy: AIMD on an integer sampling rate, a rate cap, and
+the downstream's capacity learned from back-pressure. Pure: no trio, no clock read.
 
 Representation
 --------------
@@ -10,60 +11,140 @@ with weight ``w`` (the kernel gate kept it 1 in ``w``) is already reduced ``w``-
 
 Inputs and timing
 -----------------
-The shell calls :meth:`SamplingPolicy.observe` with what it sees — the fill of the
-channel downstream (0..1), the processing lag (now - read time) and the weighted
-number of events that arrived (pre-sampling, so it estimates the true rate even
-after kernel sampling) — and :meth:`SamplingPolicy.tick` with the current time.
-A tick at or after :attr:`SamplingPolicy.due_at` (``period_s`` after the previous
-adjustment) runs one adjustment on the period's *mean* fill and *mean* lag (no
-samples counts as an idle, unpressured period) and the period's input rate;
-earlier ticks do nothing. The clock is passed in: no trio here, no clock read.
+The shell calls :meth:`SamplingPolicy.observe` with what it sees, as often as it
+likes; every count is summed over the adjustment period:
+
+* ``fill`` — of the channel downstream (0..1), and ``lag_s`` — now minus read time;
+* ``weighted_events`` — the weighted events that arrived. Each stands for its
+  weight's worth of kernel events, so kernel-sampled-out events are counted;
+* ``lost_upstream`` — the weight of events lost before they could arrive, for want
+  of room (ring-buffer records drained or lost on reserve). They were offered too:
+  the input rate ``r = (weighted_events + lost_upstream) / elapsed`` is what would
+  arrive if the pipeline kept up. A source that blocks under back-pressure instead
+  loses nothing and is undercounted while blocked; the rules below allow for that.
+* ``sent_events`` — events sent downstream; ``consumed_events``/``consumed_batches``
+  — events and batches the consumer took off the channel. Counted, not weighted: a
+  consumer's cost is per event it handles, whatever the event stands for.
+
+and :meth:`SamplingPolicy.tick` with the current time. A tick at or after
+:attr:`SamplingPolicy.due_at` (``period_s`` after the previous adjustment) runs one
+adjustment on the period's *mean* fill and *mean* lag (no samples counts as an
+idle, unpressured period), its input rate and its flows; earlier ticks do nothing.
 
 One adjustment
 --------------
-Two components; the rate is ``clamp(max(aimd, cap), min_sample_rate, max_sample_rate)``.
+A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
+(``high_lag_s = 0`` ignores lag), *relieved* when fill ≤ ``low_fill`` and lag ≤
+``low_lag_s``, and otherwise holds. With ``h = 1 - cap_hysteresis``:
+``N = clamp(max(aimd, cap, learned), min_sample_rate, max_sample_rate)``.
 
-* ``aimd`` — *pressure* (fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``): the keep
-  fraction falls multiplicatively, starting from the current rate:
-  ``aimd ← max(N + 1, ⌈N / decrease_factor⌉)``. *Relief* (fill ≤ ``low_fill`` and
-  lag ≤ ``low_lag_s``): the keep fraction rises additively,
-  ``aimd ← ⌊1 / (1/aimd + increase_step)⌋``, once per whole period elapsed since
-  the last adjustment. In between it holds. ``high_lag_s = 0`` ignores lag.
-* ``cap`` — with ``C = max_events_per_sec > 0`` and input rate ``r``:
-  ``cap ← clamp(cap, ⌈r / C⌉, ⌈r / (h·C)⌉)`` with ``h = 1 - cap_hysteresis``. It
-  rises at once to meet the cap and falls only as far as leaves ``cap_hysteresis``
-  headroom, so an input rate near a boundary does not make ``N`` flap.
+* ``learned`` — the consumer's capacity ``C_L``, measured. A period is
+  *downstream-bound* when fill ≥ ``high_fill``, or fill > ``low_fill`` and the backlog
+  grew by more than a batch: the consumer was the bottleneck, so what it took is what
+  it can take. The last (up to :data:`CAPACITY_WINDOW_PERIODS`) consecutive bound
+  periods in which it took something *measure* ``C_L`` = consumed events / time, once
+  they hold :data:`MIN_CAPACITY_BATCHES` batches; a measurement sets ``learned ←
+  ⌈r / (h·C_L)⌉``, the rate that fits with headroom, so a backlog drains. Otherwise
+  ``learned`` stays in ``[⌈r / C_L⌉, ⌈r / (h·C_L)⌉]`` and, when it must move, moves
+  to the top of it: it rises only once ``N`` would send more than ``C_L``.
+  *Probing*: after a measurement, ``capacity_hold_periods`` relieved periods pass
+  (the *hold*), then each relieved period in which the backlog is at most a batch
+  grows ``C_L`` by ``capacity_growth``; sending more than the consumer takes then
+  shows as a bound period, which measures it again. A measurement within
+  :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
+  :data:`MAX_HOLD_FACTOR` times); one that differs resets it. ``C_L`` is forgotten
+  after ``capacity_hold_periods`` relieved periods in a row in which ``learned`` did
+  not hold ``N`` up (e.g. at ``N = min_sample_rate``).
+* ``aimd`` — pressured: ``aimd ← max(N + 1, ⌈N / decrease_factor⌉)``, except that it
+  only keeps up with ``N`` when the channel, full, holds fewer batches than at the last
+  adjustment (``N`` relieves it already), or when the period measured ``C_L`` and ``r``
+  is complete — the source reported losses, or the pressure just began (then ``r`` is
+  taken as at least the last unpressured period's): ``learned`` makes the jump. So it
+  doubles for a stalled consumer, lag alone, and a source held back by the pressure.
+  Relieved: the keep fraction rises additively, ``aimd ← ⌊1 / (1/aimd +
+  increase_step)⌋``, once per whole period elapsed. Otherwise it holds.
+* ``cap`` — with ``C = max_events_per_sec > 0``: ``cap ← clamp(cap, ⌈r / C⌉,
+  ⌈r / (h·C)⌉)``. It rises at once to meet the cap and falls only as far as leaves
+  ``cap_hysteresis`` headroom, so an input rate near a boundary does not make ``N`` flap.
 
 Guarantees (``tests/property/test_sampler_policy.py`` checks each)
 ------------------------------------------------------------------
+Numbers at defaults: period 0.5 s, ``decrease_factor`` 0.5, ``increase_step`` 0.05,
+``cap_hysteresis`` 0.1, ``capacity_growth`` 0.02, ``capacity_hold_periods`` 20.
+
 * **Bounds.** ``min_sample_rate ≤ N ≤ max_sample_rate`` after any inputs.
-* **Falls under pressure.** Each pressured period raises ``N`` until the upper
-  bound, which it reaches from any ``N`` within
-  ``⌈log(max_sample_rate) / log(1 / decrease_factor)⌉`` periods (10 at defaults).
-* **Recovers.** Once fill and lag are at or below the low watermarks and the
-  input rate is at most ``h·C`` (or there is no cap), ``N`` is back to
-  ``min_sample_rate`` (1 by default) within ``⌈0.5 / increase_step⌉ + 1`` periods
-  (11 at defaults: 5.5 s) from any ``N``: each relief period raises the keep
-  fraction by at least ``increase_step``, and ``N`` is 1 once it passes 1/2.
-* **Converges to the cap.** With no pressure (and ``min_sample_rate = 1``), at
-  most 2 periods after a step change to a steady weighted input rate ``r`` (the
-  first *whole* period after the step measures ``r`` exactly), the expected
-  delivered rate ``D = r / N`` satisfies ``D ≤ C`` and ``D ≥ h·C·r / (r + h·C)``:
-  integer ``N`` and the hysteresis cost at most that much. At defaults that is
-  ``D ≥ 0.81·C`` for ``r ≥ 10·C``, and ``N = 1`` for ``r ≤ 0.9·C``. When
-  ``r > C · max_sample_rate`` the bound wins (``N = max_sample_rate``; the
-  in-flight budget protects the rest). Pressure can only make ``D`` lower.
+* **Falls under pressure.** A pressured period never lowers ``N``, and raises it by at
+  least 1 (until the upper bound) unless the channel drains or the period measured the
+  capacity. With a stalled consumer, or from lag alone, ``N`` doubles each period and
+  reaches the bound from any ``N`` within ``⌈log(max_sample_rate) / log(1 /
+  decrease_factor)⌉`` periods (10). A period that measures ``C_L`` with a complete
+  ``r`` sets ``N ≥ ⌈r / (h·C_L)⌉`` at once.
+* **Recovers.** Once fill and lag are at or below the low watermarks and ``r ≤ h·C``
+  for ``C = min(max_events_per_sec, C_L)`` (those set; or neither), ``N`` is back to
+  ``min_sample_rate`` within ``⌈0.5 / increase_step⌉ + 1`` periods (11: 5.5 s) from
+  any ``N``: each relief period raises the keep fraction by at least
+  ``increase_step``, ``N`` is 1 once it passes 1/2, and ``C_L`` only grows meanwhile.
+* **Converges to the cap.** With no pressure, no capacity learned (and
+  ``min_sample_rate = 1``), at most 2 periods after a step change to a steady input
+  rate ``r`` (the first *whole* period after the step measures ``r`` exactly), the
+  expected delivered rate ``D = r / N`` satisfies ``D ≤ C`` and ``D ≥ h·C·r / (r + h·C)``:
+  integer ``N`` and the hysteresis cost at most that much. That is ``D ≥ 0.81·C`` for
+  ``r ≥ 10·C``, and ``N = 1`` for ``r ≤ 0.9·C``. When ``r > C · max_sample_rate`` the
+  bound wins (``N = max_sample_rate``). Pressure can only make ``D`` lower.
+* **Converges to a learned capacity.** Offer ``r`` with ``10·C ≤ r ≤ 800·C`` to a
+  consumer of capacity ``C`` behind a channel of up to two periods' worth (in batches
+  of at most a ninth of a period's worth), from ``N = 1`` or any ``N`` pressure left,
+  with a source that reports its losses or one that blocks: within 20 periods (10 s)
+  ``N`` settles in ``[⌈r/C⌉, ⌈r/(h·C)⌉]`` — delivered ``D ∈ [0.81·C, C]``, ``N`` at
+  most 22 % above ``r/C`` — and does not move for ``capacity_hold_periods`` (10 s).
+  After that it only moves to probe: a probe sends at most ``1.1·C``
+  (``N ≥ ⌊r / (1.1·C)⌋``), returns to the band, and makes at most
+  ``⌈log(1.1/h) / log(1 + capacity_growth)⌉ + 2`` changes (13); probes back off to
+  one per ``MAX_HOLD_FACTOR · capacity_hold_periods`` relieved periods (80 s). No
+  limit cycle.
+* **Finds more capacity.** When the consumer becomes ``k`` times faster, ``N`` is
+  down to ``⌈r / (h·k·C)⌉`` within ``MAX_HOLD_FACTOR · capacity_hold_periods +
+  ⌈log k / log(1 + capacity_growth)⌉ + 3`` periods (``k = 2``: 199 periods, 100 s,
+  at most; 59 periods after a measurement that reset the hold).
 * **Reports once.** :meth:`~SamplingPolicy.tick` returns a :class:`RateChange`
   exactly when ``N`` changes, else ``None``; the shell logs each change once.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 from dataclasses import dataclass
 
-__all__ = ["ChangeReason", "RateChange", "SamplingParams", "SamplingPolicy"]
+__all__ = [
+    "CAPACITY_TOLERANCE",
+    "CAPACITY_WINDOW_PERIODS",
+    "MAX_HOLD_FACTOR",
+    "MIN_CAPACITY_BATCHES",
+    "ChangeReason",
+    "DownstreamCapacity",
+    "RateChange",
+    "SamplingParams",
+    "SamplingPolicy",
+]
+
+MIN_CAPACITY_BATCHES = 8
+"""Batches the consumer must have taken in the measuring window for its rate to count as
+a capacity measurement: a window catches whole batches, so with fewer the error (up to
+one batch) would be more than an eighth."""
+
+CAPACITY_WINDOW_PERIODS = 2
+"""The most recent downstream-bound periods a measurement spans (1 s at defaults): enough
+batches for a slow consumer, recent enough to follow a drop."""
+
+MAX_HOLD_FACTOR = 8
+"""Each capacity measurement that agrees with the last doubles the hold, up to this many
+times ``capacity_hold_periods``; one that differs resets it."""
+
+CAPACITY_TOLERANCE = 0.2
+"""Measurements within this fraction of the last one agree. A consumer's rate varies about
+this much with the load on the CPU it shares with the pipeline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +168,12 @@ class SamplingParams:
     max_events_per_sec: float = 0.0
     """Cap on the delivered (post-sampling) event rate; 0 = no cap."""
     cap_hysteresis: float = 0.1
-    """Headroom required before the cap lets N fall, in [0, 1)."""
+    """Headroom required before the cap lets N fall, and left below a learned capacity, in [0, 1)."""
+    capacity_growth: float = 0.02
+    """Growth of the learned capacity per relief period once the hold is over, in [0, 1); 0 = never probe."""
+    capacity_hold_periods: int = 20
+    """Relief periods after a capacity measurement before the capacity grows; also how many
+    relief periods in a row in which it does not hold N up forget it."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,6 +197,10 @@ class SamplingParams:
             problems.append(f"max_events_per_sec must be >= 0, got {self.max_events_per_sec}")
         if not 0 <= self.cap_hysteresis < 1:
             problems.append(f"cap_hysteresis must be in [0, 1), got {self.cap_hysteresis}")
+        if not 0 <= self.capacity_growth < 1:
+            problems.append(f"capacity_growth must be in [0, 1), got {self.capacity_growth}")
+        if self.capacity_hold_periods < 1:
+            problems.append(f"capacity_hold_periods must be >= 1, got {self.capacity_hold_periods}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -122,6 +212,8 @@ class ChangeReason(enum.StrEnum):
     """Fill and lag below the low watermarks."""
     CAP = "cap"
     """The input rate moved against ``max_events_per_sec``."""
+    CAPACITY = "capacity"
+    """The learned downstream capacity (or the input rate against it) moved N."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +227,12 @@ class RateChange:
     fill: float
     lag_s: float
     input_per_s: float
+    capacity_per_s: float | None = None
+    """The learned downstream capacity after the adjustment (None: none learned)."""
 
 
 class SamplingPolicy:
-    """AIMD sampling-rate policy; see the module docstring for the rules and guarantees."""
+    """Sampling-rate policy; see the module docstring for the rules and guarantees."""
 
     def __init__(self, params: SamplingParams, *, now: float) -> None:
         self.params = params
@@ -146,32 +240,62 @@ class SamplingPolicy:
         """The current sampling rate N (keep 1 in N)."""
         self.changes = 0
         """How many times N has changed."""
+        self.capacity = DownstreamCapacity(params)
+        """What is known of the consumer downstream."""
         self._aimd = params.min_sample_rate
         self._cap = 1
+        self._learned = 1
+        self._pressured = False
+        self._unpressured_input_per_s = 0.0
+        self._backlog = 0.0
         self._period_start = now
         self.due_at = now + params.period_s
         """When the next adjustment is due (the shell sleeps until then)."""
         self._fill_sum = 0.0
         self._fill_n = 0
+        self._fill_last = 0.0
+        self._fill_end = 0.0
         self._lag_sum = 0.0
         self._lag_n = 0
         self._weighted_in = 0.0
+        self._lost_upstream = 0.0
+        self._sent = 0.0
+        self._consumed = 0.0
+        self._consumed_batches = 0.0
 
     @property
     def keep_fraction(self) -> float:
         return 1.0 / self.rate
 
+    @property
+    def capacity_per_s(self) -> float | None:
+        """The learned capacity ``C_L`` of the consumer downstream, events/s (None: not known)."""
+        return self.capacity.per_s
+
     def observe(
-        self, *, fill: float | None = None, lag_s: float | None = None, weighted_events: float = 0.0
+        self,
+        *,
+        fill: float | None = None,
+        lag_s: float | None = None,
+        weighted_events: float = 0.0,
+        lost_upstream: float = 0.0,
+        sent_events: float = 0,
+        consumed_events: float = 0,
+        consumed_batches: float = 0,
     ) -> None:
-        """Add one sample of the downstream fill and/or the lag, and events that arrived."""
+        """Add one sample of the downstream fill and/or the lag, and flows since the last call."""
         if fill is not None:
-            self._fill_sum += min(max(fill, 0.0), 1.0)
+            self._fill_last = min(max(fill, 0.0), 1.0)
+            self._fill_sum += self._fill_last
             self._fill_n += 1
         if lag_s is not None:
             self._lag_sum += max(lag_s, 0.0)
             self._lag_n += 1
         self._weighted_in += weighted_events
+        self._lost_upstream += lost_upstream
+        self._sent += sent_events
+        self._consumed += consumed_events
+        self._consumed_batches += consumed_batches
 
     def tick(self, now: float) -> RateChange | None:
         """Adjust N if a period has passed. Returns the change, or None if N is unchanged."""
@@ -181,36 +305,171 @@ class SamplingPolicy:
         elapsed = now - self._period_start
         periods = max(1, int(elapsed // p.period_s))
         fill = self._fill_sum / self._fill_n if self._fill_n else 0.0
+        fill_end = self._fill_last if self._fill_n else 0.0
         lag_s = self._lag_sum / self._lag_n if self._lag_n else 0.0
-        input_per_s = self._weighted_in / elapsed if elapsed > 0 else 0.0
+        input_per_s = (self._weighted_in + self._lost_upstream) / elapsed if elapsed > 0 else 0.0
+        sent, consumed, batches, lost = (
+            self._sent,
+            self._consumed,
+            self._consumed_batches,
+            self._lost_upstream,
+        )
         self._period_start = now
         self.due_at = now + p.period_s
-        self._fill_sum = self._lag_sum = self._weighted_in = 0.0
+        self._fill_sum = self._lag_sum = self._weighted_in = self._lost_upstream = 0.0
+        self._sent = self._consumed = self._consumed_batches = 0.0
         self._fill_n = self._lag_n = 0
 
-        old, old_aimd, old_cap = self.rate, self._aimd, self._cap
+        h = 1.0 - p.cap_hysteresis
         lag_counts = p.high_lag_s > 0
-        if fill >= p.high_fill or (lag_counts and lag_s >= p.high_lag_s):
-            self._aimd = min(p.max_sample_rate, max(old + 1, math.ceil(old / p.decrease_factor)))
-        elif fill <= p.low_fill and (not lag_counts or lag_s <= p.low_lag_s):
+        pressured = fill >= p.high_fill or (lag_counts and lag_s >= p.high_lag_s)
+        relieved = not pressured and fill <= p.low_fill and (not lag_counts or lag_s <= p.low_lag_s)
+        old, old_aimd = self.rate, self._aimd
+        old_limit = max(self._cap, self._learned)
+
+        # Downstream-bound: the channel stayed (nearly) full, or filled up past the low
+        # watermark and the backlog grew by more than a batch's worth.
+        batch = consumed / batches if batches > 0 else 0.0
+        backlog_grew = batches > 0 and sent - consumed > batch
+        # Draining: the channel holds fewer batches than at the last adjustment. (Not in
+        # events: the bigger batches of a lower N leaving a full channel are no relief.)
+        draining = fill >= p.high_fill and fill_end < self._fill_end
+        self._fill_end = fill_end
+        self._backlog = max(0.0, self._backlog + sent - consumed)  # events queued downstream
+        bound = fill >= p.high_fill or (fill > p.low_fill and backlog_grew)
+        measured = self.capacity.period(bound=bound, consumed=consumed, batches=batches, elapsed=elapsed)
+
+        # A source that blocks is undercounted while the pressure lasts, not before it.
+        offered_per_s = input_per_s
+        if pressured:
+            offered_per_s = max(input_per_s, self._unpressured_input_per_s)
+        else:
+            self._unpressured_input_per_s = input_per_s
+
+        if pressured:
+            # The input rate is complete if the source reported its losses, or if the pressure
+            # just began (``offered_per_s`` is then from before it); a source held back by it
+            # is undercounted after that.
+            complete = lost > 0 or not self._pressured
+            if draining or (measured and complete):
+                self._aimd = max(self._aimd, old)  # N relieves it already, or ``learned`` jumps
+            else:
+                # No measurement (a stalled consumer, or lag alone), or an undercounted input.
+                self._aimd = min(p.max_sample_rate, max(old + 1, math.ceil(old / p.decrease_factor)))
+        elif relieved:
             for _ in range(min(periods, p.max_sample_rate)):
                 if self._aimd <= p.min_sample_rate:
                     break
                 keep = 1.0 / self._aimd + p.increase_step
                 self._aimd = max(p.min_sample_rate, math.floor(1.0 / keep))
+            if self._backlog <= batch:  # probe further only while the consumer keeps up
+                self.capacity.relieved(periods)
+        self._pressured = pressured
 
         if p.max_events_per_sec > 0:
-            cap_per_s = p.max_events_per_sec
-            low = math.ceil(input_per_s / cap_per_s)
-            high = math.ceil(input_per_s / (cap_per_s * (1.0 - p.cap_hysteresis)))
-            self._cap = max(1, min(max(self._cap, low), high, p.max_sample_rate))
+            low = offered_per_s / p.max_events_per_sec
+            self._cap = max(1, min(max(self._cap, math.ceil(low)), math.ceil(low / h), p.max_sample_rate))
+        self._update_learned(offered_per_s, h, measured)
 
-        self.rate = min(p.max_sample_rate, max(self._aimd, self._cap, p.min_sample_rate))
+        self.rate = min(p.max_sample_rate, max(self._aimd, self._cap, self._learned, p.min_sample_rate))
+        holds_n_up = self._learned > max(self._aimd, self._cap, p.min_sample_rate)
+        if self.capacity.unused(periods if relieved and not holds_n_up else 0):
+            self._learned = 1
         if self.rate == old:
             return None
         self.changes += 1
-        if self._cap > self._aimd or (self.rate < old and old_cap > old_aimd):
-            reason = ChangeReason.CAP
+        limit = max(self._cap, self._learned)
+        if pressured and self.rate > old:
+            reason = ChangeReason.PRESSURE
+        elif limit > self._aimd or (self.rate < old and old_limit > old_aimd):
+            learned_binds = self.capacity.per_s is not None and self._learned >= self._cap
+            reason = ChangeReason.CAPACITY if learned_binds else ChangeReason.CAP
         else:
             reason = ChangeReason.PRESSURE if self.rate > old else ChangeReason.RELIEF
-        return RateChange(now, old, self.rate, reason, fill, lag_s, input_per_s)
+        return RateChange(now, old, self.rate, reason, fill, lag_s, input_per_s, self.capacity.per_s)
+
+    def _update_learned(self, input_per_s: float, h: float, measured: bool) -> None:
+        """``learned`` stays in ``[⌈r/C_L⌉, ⌈r/(h·C_L)⌉]``; when it moves, to the top."""
+        if self.capacity.per_s is None:
+            self._learned = 1
+            return
+        low = input_per_s / self.capacity.per_s
+        top = max(1, min(math.ceil(low / h), self.params.max_sample_rate))
+        if measured or not math.ceil(low) <= self._learned <= top:
+            self._learned = top
+
+
+class DownstreamCapacity:
+    """The consumer's capacity ``C_L``, learned from downstream-bound periods, and when to
+    probe above it. Part of :class:`SamplingPolicy` (see the module docstring)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.measurements = 0
+        """How many measurements were made (forgetting does not reset this)."""
+        self._forget()
+
+    def _forget(self) -> None:
+        self.per_s: float | None = None
+        """``C_L``, events/s: the last measurement, grown since by probing (None: not known)."""
+        self.measured_per_s: float | None = None
+        """The last measurement."""
+        self.hold_periods = self.params.capacity_hold_periods
+        """Relief periods the next measurement holds ``C_L`` for before it grows again."""
+        self._hold = 0
+        self._unused_for = 0
+        self._window: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=CAPACITY_WINDOW_PERIODS
+        )
+
+    def known(self) -> float:
+        assert self.per_s is not None
+        return self.per_s
+
+    def period(self, *, bound: bool, consumed: float, batches: float, elapsed: float) -> bool:
+        """One period's flows. Returns True if it measured the capacity: over the last (up to
+        :data:`CAPACITY_WINDOW_PERIODS`) consecutive downstream-bound periods in which the
+        consumer took something, once they hold :data:`MIN_CAPACITY_BATCHES` batches. (A
+        stall is not a rate: it empties the window.)"""
+        if not bound or consumed <= 0 or elapsed <= 0:
+            self._window.clear()
+            return False
+        self._window.append((consumed, batches, elapsed))
+        if sum(b for _, b, _ in self._window) < MIN_CAPACITY_BATCHES:
+            return False
+        self._measure(sum(c for c, _, _ in self._window) / sum(e for _, _, e in self._window))
+        return True
+
+    def _measure(self, per_s: float) -> None:
+        p = self.params
+        last = self.measured_per_s
+        if last is None or abs(per_s - last) > CAPACITY_TOLERANCE * last:
+            self.hold_periods = p.capacity_hold_periods  # new, or changed: probe again soon
+        else:
+            # It agrees with the last one (e.g. a probe found it where it was): trust it longer.
+            self.hold_periods = min(2 * self.hold_periods, MAX_HOLD_FACTOR * p.capacity_hold_periods)
+        self.per_s = self.measured_per_s = per_s
+        self.measurements += 1
+        self._hold = self.hold_periods
+
+    def relieved(self, periods: int) -> None:
+        """``periods`` relief periods passed: wait out the hold, then grow."""
+        if self.per_s is None:
+            return
+        waited = min(periods, self._hold)
+        self._hold -= waited
+        growing = min(periods - waited, 1000)
+        if growing and self.params.capacity_growth > 0:
+            self.per_s *= (1.0 + self.params.capacity_growth) ** growing
+
+    def unused(self, periods: int) -> bool:
+        """``periods`` relief periods in which ``C_L`` did not hold N up (0: it did, or no
+        relief). Returns True if that made it forget ``C_L``."""
+        if periods == 0 or self.per_s is None:
+            self._unused_for = 0
+            return False
+        self._unused_for += periods
+        if self._unused_for < self.params.capacity_hold_periods:
+            return False
+        self._forget()
+        return True

@@ -1,10 +1,31 @@
 """AdaptiveSampler: sheds load by sampling when the pipeline downstream falls behind.
 
 The decisions are made by the pure :class:`pipeline.sampling.SamplingPolicy`
-(AIMD on an integer sampling rate ``N`` plus a ``max_events_per_sec`` cap; its
-docstring states the guarantees). This stage only feeds it — the fill of the
-channel it sends on, each batch's lag (``monotonic_ns() - read_time_ns``) and
-weighted event count — and applies its answer.
+(AIMD on an integer sampling rate ``N``, a ``max_events_per_sec`` cap and the
+downstream's capacity learned under back-pressure; its docstring states the
+guarantees). This stage only feeds it and applies its answer. It feeds:
+
+* per batch: the fill of the channel it sends on, the batch's lag
+  (``monotonic_ns() - read_time_ns``) and its weighted event count;
+* per period: the events it sent, the events and batches the consumer took off
+  that channel (sent minus still queued: the consumer's rate while it is the
+  bottleneck is its capacity), and the weight of the events the source lost for
+  want of room since the last period (``DRAINED`` and ``LOST_ON_RESERVE`` in the
+  ledger).
+
+The input rate: what arrives here plus what the source lost
+-----------------------------------------------------------
+Under back-pressure what *arrives* undercounts what is offered: a ring reader
+drains or loses records that never get here. Adding the weight the source lost
+(its outcomes carry the rate they were emitted at) gives what would arrive if the
+pipeline kept up, which is what ``N`` acts on. We do not use the ledger's
+``produced``: in a chain with filters before the sampler ("your stages") it also
+counts the events those stages drop, which never reach the sampler whatever ``N``
+is, so ``N`` would stay too high.
+This assumes what we have — one source, one chain, every source loss upstream of
+this stage; a second sampler further down sees the same losses and weighted
+arrivals, so it measures the same ``r``. A source that blocks instead of losing
+(the synthetic one) is undercounted while it is blocked; the policy allows for that.
 
 Where the sampling happens (the kernel gate rule)
 -------------------------------------------------
@@ -45,6 +66,7 @@ import trio
 
 from pipeline import Batch, BatchReceiver, BatchSender, Outcome, Stage, StageContext
 from pipeline._channel import Edge
+from pipeline.accounting import Ledger
 from pipeline.sampling import RateChange, SamplingParams, SamplingPolicy
 
 __all__ = ["AdaptiveSampler", "AdaptiveSamplerConfig", "SamplerStatistics", "SamplingGate"]
@@ -85,7 +107,14 @@ class AdaptiveSamplerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=T
     increase_step: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
     """Keep fraction added per period of relief (0.05: N=1000 back to 1 within 11 periods)."""
     cap_hysteresis: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
-    """Headroom below the cap required before the cap lets N fall again."""
+    """Headroom below the cap required before the cap lets N fall again; also the headroom
+    left below a learned downstream capacity."""
+    capacity_growth: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.02
+    """Growth of the learned downstream capacity per period of relief once the hold is over
+    (probing for a faster consumer); 0 = never probe."""
+    capacity_hold_periods: Annotated[int, msgspec.Meta(ge=1)] = 20
+    """Relief periods after a capacity measurement before it grows (20: 10 s); doubled, up to
+    8 times, while measurements agree, so a steady consumer is probed about once per 80 s."""
     seed: int | None = None
     """Seed of the user-space sampling generator; unset draws one from the OS."""
 
@@ -105,6 +134,8 @@ class AdaptiveSamplerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=T
             increase_step=self.increase_step,
             max_events_per_sec=self.max_events_per_sec or 0.0,
             cap_hysteresis=self.cap_hysteresis,
+            capacity_growth=self.capacity_growth,
+            capacity_hold_periods=self.capacity_hold_periods,
         )
 
 
@@ -116,6 +147,42 @@ class SamplerStatistics:
     gate_attached: bool
     user_sampled_out_events: int
     last_change: RateChange | None
+    capacity_per_s: float | None = None
+    """The learned capacity of the consumer downstream, events/s (None: not learned)."""
+    capacity_measurements: int = 0
+
+
+LOST_UPSTREAM = (Outcome.DRAINED, Outcome.LOST_ON_RESERVE)
+"""Outcomes of events the source lost for want of room: they count as offered."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Flows:
+    """Running totals the policy takes per period, as differences."""
+
+    sent_events: int = 0
+    consumed_events: int = 0
+    consumed_batches: int = 0
+    lost_upstream: float = 0.0
+
+    @classmethod
+    def read(cls, edge: Edge, sending: int, ledger: Ledger) -> _Flows:
+        # A batch being sent counts in queued_events already, and not yet in sent_events.
+        snap = ledger.snapshot()
+        return cls(
+            sent_events=edge.sent_events,
+            consumed_events=edge.sent_events + sending - edge.queued_events,
+            consumed_batches=edge.sent_batches - edge.depth,
+            lost_upstream=sum(snap.total_weight(o) for o in LOST_UPSTREAM),
+        )
+
+    def __sub__(self, before: _Flows) -> _Flows:
+        return _Flows(
+            self.sent_events - before.sent_events,
+            self.consumed_events - before.consumed_events,
+            self.consumed_batches - before.consumed_batches,
+            self.lost_upstream - before.lost_upstream,
+        )
 
 
 class AdaptiveSampler(Stage):
@@ -132,6 +199,9 @@ class AdaptiveSampler(Stage):
         self.gate: SamplingGate | None = None
         self._rng = np.random.default_rng(config.seed)
         self._sampled_out = 0
+        self._sending = 0
+        """Events in the batch being sent right now (0: none)."""
+        self._flows = _Flows()
         self._last_change: RateChange | None = None
 
     @property
@@ -151,6 +221,8 @@ class AdaptiveSampler(Stage):
             gate_attached=self.gate is not None,
             user_sampled_out_events=self._sampled_out,
             last_change=self._last_change,
+            capacity_per_s=self.policy.capacity_per_s,
+            capacity_measurements=self.policy.capacity.measurements,
         )
 
     async def run(
@@ -163,6 +235,7 @@ class AdaptiveSampler(Stage):
         policy = self.policy = SamplingPolicy(self._params, now=trio.current_time())
         self._push(policy.rate)
         edge = tx.edge
+        self._flows = _Flows.read(edge, self._sending, self.ctx.ledger)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._adjust_loop, edge)
             task_status.started()
@@ -171,7 +244,11 @@ class AdaptiveSampler(Stage):
                 policy.observe(fill=edge.fill, lag_s=lag_s, weighted_events=batch.weight_sum)
                 out = self.sample(batch)
                 if out is not None:
-                    await tx.send(out)
+                    self._sending = len(out)
+                    try:
+                        await tx.send(out)
+                    finally:
+                        self._sending = 0
             nursery.cancel_scope.cancel()
 
     def sample(self, batch: Batch) -> Batch | None:
@@ -199,7 +276,15 @@ class AdaptiveSampler(Stage):
         policy = self.policy
         while True:
             await trio.sleep_until(policy.due_at)
-            policy.observe(fill=edge.fill)
+            flows = _Flows.read(edge, self._sending, self.ctx.ledger)
+            period, self._flows = flows - self._flows, flows
+            policy.observe(
+                fill=edge.fill,
+                sent_events=period.sent_events,
+                consumed_events=period.consumed_events,
+                consumed_batches=period.consumed_batches,
+                lost_upstream=period.lost_upstream,
+            )
             change = policy.tick(trio.current_time())
             if change is not None:
                 self._changed(change)
@@ -216,6 +301,7 @@ class AdaptiveSampler(Stage):
                 "fill": round(change.fill, 3),
                 "lag_s": round(change.lag_s, 3),
                 "input_per_s": round(change.input_per_s),
+                "capacity_per_s": None if change.capacity_per_s is None else round(change.capacity_per_s),
             },
         )
         self._push(change.new_rate)

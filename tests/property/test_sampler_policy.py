@@ -2,10 +2,13 @@
 
 Each adjustment period is simulated exactly: observations, then a tick at the
 period boundary, so the numbers in the guarantees can be checked as stated.
+The learned-capacity guarantees run the policy against :class:`Downstream`, a
+fluid model of a channel and a consumer of fixed capacity.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -13,7 +16,13 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pipeline.sampling import ChangeReason, RateChange, SamplingParams, SamplingPolicy
+from pipeline.sampling import (
+    MAX_HOLD_FACTOR,
+    ChangeReason,
+    RateChange,
+    SamplingParams,
+    SamplingPolicy,
+)
 
 PERIOD = 0.5
 
@@ -26,12 +35,30 @@ class Step:
     lag_s: float
     input_per_s: float
     periods: int = 1  # how many periods long (>1: an idle gap, or a slow tick)
+    consumed_per_s: float = 0.0
+    """What the consumer took off the channel (0: no flows reported)."""
+    sent_per_s: float = 0.0
+    batch_events: float = 1.0
+    lost_fraction: float = 0.0
+    """Of ``input_per_s``, the part the source lost (reported as ``lost_upstream``)."""
 
 
 fills = st.floats(min_value=0, max_value=1)
 lags = st.floats(min_value=0, max_value=5)
 rates = st.floats(min_value=0, max_value=1e7)
 steps = st.builds(Step, fills, lags, rates, st.integers(min_value=1, max_value=3))
+flow_steps = st.builds(
+    Step,
+    fills,
+    lags,
+    rates,
+    st.integers(min_value=1, max_value=3),
+    consumed_per_s=st.just(0.0) | st.floats(min_value=0, max_value=1e6),
+    sent_per_s=st.floats(min_value=0, max_value=1e6),
+    batch_events=st.floats(min_value=1, max_value=1e4),
+    lost_fraction=st.floats(min_value=0, max_value=1),
+)
+"""Periods with random flows too: the policy may learn (any) downstream capacity."""
 
 
 @st.composite
@@ -69,7 +96,17 @@ class Sim:
 
     def run(self, step: Step) -> int:
         duration = step.periods * self.p.period_s
-        self.policy.observe(fill=step.fill, lag_s=step.lag_s, weighted_events=step.input_per_s * duration)
+        offered = step.input_per_s * duration
+        consumed = step.consumed_per_s * duration
+        self.policy.observe(
+            fill=step.fill,
+            lag_s=step.lag_s,
+            weighted_events=offered * (1 - step.lost_fraction),
+            lost_upstream=offered * step.lost_fraction,
+            sent_events=step.sent_per_s * duration,
+            consumed_events=consumed,
+            consumed_batches=consumed / step.batch_events,
+        )
         self.now += duration
         change = self.policy.tick(self.now)
         if change is not None:
@@ -83,7 +120,7 @@ def quiet(p: SamplingParams, input_per_s: float = 0.0) -> Step:
     return Step(p.low_fill, p.low_lag_s if p.high_lag_s else 0.0, input_per_s)
 
 
-@given(params(), st.lists(steps, max_size=60))
+@given(params(), st.lists(steps | flow_steps, max_size=60))
 def test_rate_stays_within_bounds(p: SamplingParams, inputs: list[Step]) -> None:
     sim = Sim(p)
     for step in inputs:
@@ -92,8 +129,38 @@ def test_rate_stays_within_bounds(p: SamplingParams, inputs: list[Step]) -> None
         assert p.min_sample_rate <= rate <= p.max_sample_rate
 
 
-@given(params(), st.lists(steps, max_size=20), st.floats(min_value=0, max_value=1e7))
-def test_rate_falls_under_sustained_pressure(p: SamplingParams, prefix: list[Step], rate: float) -> None:
+@given(params(), st.lists(steps | flow_steps, max_size=20), flow_steps)
+def test_a_pressured_period_never_lowers_the_rate(p: SamplingParams, prefix: list[Step], step: Step) -> None:
+    pressured = step.fill >= p.high_fill or (p.high_lag_s > 0 and step.lag_s >= p.high_lag_s)
+    assume(pressured)
+    sim = Sim(p)
+    for s in prefix:
+        sim.run(s)
+    before, measured = sim.policy.rate, sim.policy.capacity.measurements
+    fill_before = prefix[-1].fill if prefix else 0.0
+    after = sim.run(step)
+    assert after >= before
+    # It rises unless the channel (full) holds fewer batches than at the last adjustment
+    # (N relieves it already), or the period measured the capacity (``learned`` sets N).
+    draining = step.fill >= p.high_fill and step.fill < fill_before
+    assert (
+        after > before
+        or after == p.max_sample_rate
+        or draining
+        or sim.policy.capacity.measurements > measured
+    )
+
+
+@given(
+    params(),
+    st.lists(steps | flow_steps, max_size=20),
+    st.floats(min_value=0, max_value=1e7),
+    st.booleans(),
+)
+def test_rate_falls_under_sustained_pressure(
+    p: SamplingParams, prefix: list[Step], rate: float, lag_alone: bool
+) -> None:
+    assume(p.high_lag_s > 0 or not lag_alone)
     sim = Sim(p)
     for step in prefix:
         sim.run(step)
@@ -102,20 +169,45 @@ def test_rate_falls_under_sustained_pressure(p: SamplingParams, prefix: list[Ste
         if p.max_sample_rate > 1
         else 0
     )
+    # A stalled consumer (it takes nothing), or lag alone: no measurement, N doubles.
+    pressure = Step(p.low_fill, p.high_lag_s, rate) if lag_alone else Step(1.0, 0.0, rate)
     for _ in range(bound):
         before = sim.policy.rate
-        after = sim.run(Step(fill=1.0, lag_s=0.0, input_per_s=rate))
+        after = sim.run(pressure)
         assert after > before or after == p.max_sample_rate
     assert sim.policy.rate == p.max_sample_rate
 
 
-@given(params(), st.lists(steps, max_size=30), st.floats(min_value=0, max_value=1))
+@given(
+    capacity=st.floats(min_value=100, max_value=1e6),
+    ratio=st.floats(min_value=1, max_value=2000),
+    start=st.integers(min_value=0, max_value=5),
+)
+def test_a_period_that_measures_the_capacity_jumps_to_the_rate_that_fits(
+    capacity: float, ratio: float, start: int
+) -> None:
+    p = SamplingParams()
+    sim = Sim(p)
+    for _ in range(start):
+        sim.run(Step(1.0, 0.0, 0.0))  # pressure without flows: N doubles
+    sim.run(Step(0.5, 0.0, 0.0))  # then a period between the watermarks: N holds
+    before = sim.policy.rate
+    # The consumer took `capacity` a second, in enough batches to measure; we sent more.
+    sim.run(Step(1.0, 0.0, ratio * capacity, 1, capacity, 2 * capacity, capacity * PERIOD / 10))
+    assert sim.policy.capacity_per_s == pytest.approx(capacity)
+    fits = math.ceil(ratio / (1 - p.cap_hysteresis) - 1e-9)
+    assert sim.policy.rate >= min(p.max_sample_rate, max(fits, before))
+    assert sim.policy.rate <= max(fits, before + 1, 1)
+
+
+@given(params(), st.lists(steps | flow_steps, max_size=30), st.floats(min_value=0, max_value=1))
 def test_recovers_after_pressure_ends(p: SamplingParams, prefix: list[Step], load: float) -> None:
     sim = Sim(p)
     for step in prefix:
         sim.run(step)
-    # Input at most h*C, so the cap does not hold N up.
-    input_per_s = load * 0.999 * (1 - p.cap_hysteresis) * p.max_events_per_sec or load * 1e7
+    # Input at most h*C for C the cap and the learned capacity, so neither holds N up.
+    limits = [c for c in (p.max_events_per_sec, sim.policy.capacity_per_s) if c]
+    input_per_s = load * 0.999 * (1 - p.cap_hysteresis) * min(limits) if limits else load * 1e7
     bound = math.ceil(0.5 / p.increase_step) + 1
     for _ in range(bound):
         sim.run(quiet(p, input_per_s))
@@ -213,7 +305,7 @@ def test_cap_hysteresis_stops_flapping_near_a_boundary() -> None:
     assert len(sim.reports) > 5
 
 
-@given(params(), st.lists(steps, max_size=60))
+@given(params(), st.lists(steps | flow_steps, max_size=60))
 def test_changes_are_reported_once_per_transition(p: SamplingParams, inputs: list[Step]) -> None:
     sim = Sim(p)
     for step in inputs:
@@ -250,6 +342,8 @@ def test_early_ticks_do_nothing() -> None:
         ({"period_s": 0.0}, "period_s"),
         ({"cap_hysteresis": 1.0}, "cap_hysteresis"),
         ({"low_lag_s": 2.0, "high_lag_s": 1.0}, "low_lag_s"),
+        ({"capacity_growth": 1.0}, "capacity_growth"),
+        ({"capacity_hold_periods": 0}, "capacity_hold_periods"),
     ],
 )
 def test_rejects_bad_parameters(kwargs: dict[str, float], message: str) -> None:
@@ -266,3 +360,196 @@ def test_lag_alone_is_pressure_unless_ignored(p: SamplingParams, prefix: list[St
     before = sim.policy.rate
     after = sim.run(Step(fill=p.low_fill, lag_s=p.high_lag_s, input_per_s=0.0))
     assert after > before or after == p.max_sample_rate
+
+
+# -- the learned capacity, against a model downstream -------------------------------------------
+
+
+class Downstream:
+    """A consumer of ``capacity_per_s`` events/s behind a channel of ``room`` events, fed by
+    the sampler at ``offered_per_s / N`` (a fluid model, ``STEPS`` steps a period).
+
+    When the channel is full the sampler can send no faster than the consumer takes. The
+    source then either loses the rest and reports it (``reports_losses``: a ring reader
+    draining) or is held back (a blocking source): the policy sees only what arrived."""
+
+    STEPS = 10
+
+    def __init__(
+        self, capacity_per_s: float, room: float, batch: float, offered_per_s: float, reports_losses: bool
+    ) -> None:
+        self.capacity_per_s = capacity_per_s
+        self.room = room
+        self.batch = batch
+        self.offered_per_s = offered_per_s
+        self.reports_losses = reports_losses
+        self.queue = 0.0
+
+    def period(self, sim: Sim) -> int:
+        policy = sim.policy
+        n = policy.rate
+        dt = sim.p.period_s / self.STEPS
+        for _ in range(self.STEPS):
+            want = self.offered_per_s / n * dt
+            can_take = self.capacity_per_s * dt
+            sent = min(want, self.room - self.queue + can_take)
+            consumed = min(can_take, self.queue + sent)
+            self.queue += sent - consumed
+            policy.observe(
+                fill=self.queue / self.room,
+                lag_s=0.0,
+                weighted_events=sent * n,
+                lost_upstream=(want - sent) * n if self.reports_losses else 0.0,
+                sent_events=sent,
+                consumed_events=consumed,
+                consumed_batches=consumed / self.batch,
+            )
+        sim.now += sim.p.period_s
+        change = policy.tick(sim.now)
+        if change is not None:
+            sim.reports.append(change)
+        sim.rates.append(policy.rate)
+        return policy.rate
+
+
+@dataclass(frozen=True)
+class Setting:
+    capacity_per_s: float
+    ratio: float
+    """Offered rate / capacity."""
+    room_periods: float
+    """Channel room, in periods' worth of what the consumer takes."""
+    batch_periods: float
+    reports_losses: bool
+    pressure_first: int
+    """Periods of flow-less pressure before the downstream appears (N starts at 2^this)."""
+
+    def downstream(self, p: SamplingParams) -> Downstream:
+        per_period = self.capacity_per_s * p.period_s
+        return Downstream(
+            self.capacity_per_s,
+            self.room_periods * per_period,
+            self.batch_periods * per_period,
+            self.ratio * self.capacity_per_s,
+            self.reports_losses,
+        )
+
+    def start(self, p: SamplingParams) -> Sim:
+        sim = Sim(p)
+        for _ in range(self.pressure_first):
+            sim.run(Step(1.0, 0.0, 0.0))
+        return sim
+
+
+settings_ = st.builds(
+    Setting,
+    capacity_per_s=st.floats(min_value=100, max_value=1e6),
+    ratio=st.floats(min_value=10, max_value=800),
+    room_periods=st.floats(min_value=0.01, max_value=2),
+    batch_periods=st.floats(min_value=1e-3, max_value=1 / 9),
+    reports_losses=st.booleans(),
+    pressure_first=st.integers(min_value=0, max_value=8),
+)
+"""Offered 10x to 800x the capacity (so the headroom rate stays under the default bound),
+channels of up to two periods' worth, batches small enough for one period to measure."""
+
+SETTLE_PERIODS = 20
+"""The stated bound on settling at defaults (10 s)."""
+
+
+def band(s: Setting, p: SamplingParams) -> tuple[int, int]:
+    """``[⌈r/C⌉, ⌈r/(h·C)⌉]``: what the consumer can take, down to the headroom rate."""
+    return math.ceil(s.ratio * (1 - 1e-12)), math.ceil(s.ratio / (1 - p.cap_hysteresis) * (1 + 1e-12))
+
+
+def settled_at(rates: list[int], lo: int, hi: int, hold: int) -> int | None:
+    """The first index from which N sits still in ``[lo, hi]`` for ``hold`` periods."""
+    for i in range(len(rates) - hold):
+        if lo <= rates[i] <= hi and len(set(rates[i : i + hold])) == 1:
+            return i
+    return None
+
+
+@given(settings_)
+def test_converges_to_a_learned_capacity_and_stays(s: Setting) -> None:
+    p = SamplingParams()
+    sim = s.start(p)
+    downstream = s.downstream(p)
+    rates = [downstream.period(sim) for _ in range(SETTLE_PERIODS + 400)]
+    lo, hi = band(s, p)
+    at = settled_at(rates, lo, hi, p.capacity_hold_periods)
+    # Settles within 20 periods, in the band, and does not move for the whole hold.
+    assert at is not None and at < SETTLE_PERIODS, (lo, hi, rates[:40])
+    # From then on, probes for more capacity send at most 10 % more than the consumer takes.
+    floor = math.floor(s.ratio / PROBE_OVERSHOOT)
+    assert all(floor <= n <= hi for n in rates[at:]), (floor, hi, rates)
+    # No limit cycle: probes back off. Over the last 8 x hold periods, at most two probes.
+    last = rates[-MAX_HOLD_FACTOR * p.capacity_hold_periods :]
+    changes = sum(a != b for a, b in itertools.pairwise(last))
+    assert changes <= 2 * PROBE_CHANGES, (changes, last)
+
+
+PROBE_OVERSHOOT = 1.1
+"""The stated bound on a probe: the sampler sends at most this times what the consumer takes."""
+
+PROBE_CHANGES = math.ceil(math.log(PROBE_OVERSHOOT / 0.9) / math.log(1.02)) + 2
+"""Changes one probe makes at most at defaults: a step per growth period from the headroom
+rate to the overshoot, and back."""
+
+
+@given(settings_, st.floats(min_value=1.3, max_value=4), st.integers(min_value=0, max_value=200))
+def test_finds_more_capacity(s: Setting, faster: float, later: int) -> None:
+    assume(s.ratio / faster >= 10)
+    p = SamplingParams()
+    sim = s.start(p)
+    downstream = s.downstream(p)
+    for _ in range(SETTLE_PERIODS + later):
+        downstream.period(sim)
+    downstream.capacity_per_s *= faster
+    # Whatever is left of the hold (at most 8x), then growth by 2 % a period; those are
+    # relieved periods, and a probe in progress when the consumer speeds up takes up to 3 more.
+    within = (
+        MAX_HOLD_FACTOR * p.capacity_hold_periods
+        + math.ceil(math.log(faster) / math.log(1 + p.capacity_growth))
+        + 3
+    )
+    fits_faster = math.ceil(s.ratio / faster / (1 - p.cap_hysteresis) * (1 + 1e-12))
+    rates = [downstream.period(sim) for _ in range(within)]
+    assert min(rates) <= fits_faster, (fits_faster, rates)
+
+
+def test_finding_twice_the_capacity_takes_at_most_98_s_at_defaults() -> None:
+    p = SamplingParams()
+    periods = MAX_HOLD_FACTOR * p.capacity_hold_periods + math.ceil(math.log(2) / math.log(1.02))
+    assert periods * p.period_s == 98.0
+
+
+def test_the_input_rate_counts_what_the_source_lost() -> None:
+    policy = SamplingPolicy(SamplingParams(), now=0.0)
+    policy.observe(fill=1.0, weighted_events=100, lost_upstream=900)
+    change = policy.tick(0.5)
+    assert change is not None
+    assert change.input_per_s == 2000
+
+
+def test_a_learned_capacity_is_forgotten_once_unused() -> None:
+    p = SamplingParams()
+    sim = Sim(p)
+    # One pressured period measures 1000 events/s at 10 000/s offered: N jumps to 12.
+    sim.run(Step(1.0, 0.0, 10_000, 1, 1000, 2000, 10))
+    assert sim.policy.capacity_per_s == 1000
+    assert sim.policy.rate == 12
+    assert sim.reports[-1].reason is ChangeReason.PRESSURE
+    # The input falls to what the consumer takes with headroom: N back to 1, and the
+    # capacity is forgotten after capacity_hold_periods relieved periods at N = 1.
+    for _ in range(11 + p.capacity_hold_periods):
+        sim.run(quiet(p, 800))
+    assert sim.policy.rate == 1
+    assert sim.policy.capacity_per_s is None
+    # Meanwhile the input rising again re-applies a capacity still known.
+    sim = Sim(p)
+    sim.run(Step(1.0, 0.0, 10_000, 1, 1000, 2000, 10))
+    sim.run(quiet(p, 800))
+    sim.run(quiet(p, 5000))
+    assert sim.policy.rate == 6  # 5000 / (0.9 x 1000), no pressure needed
+    assert sim.reports[-1].reason is ChangeReason.CAPACITY
