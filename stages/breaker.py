@@ -351,6 +351,25 @@ class _Wrapping:
 
     _bound_primary: ClassVar[_Bound | None] = None
     _bound_fallback: ClassVar[_Bound | None] = None
+    _primary_kind: ClassVar[type[Any]]
+    """What the primary must be: a ``Stage`` or a ``BatchSink``."""
+
+    def __init__(self, config: CircuitBreakerConfig, ctx: StageContext) -> None:
+        super().__init__(config, ctx)  # type: ignore[call-arg]  # the Stage/Sink base takes them
+        self.guard = _Guard(
+            config,
+            ctx,
+            primary_kind=self._primary_kind,
+            bound_primary=self._bound_primary,
+            bound_fallback=self._bound_fallback,
+        )
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.guard.breaker
+
+    def statistics(self) -> CircuitBreakerStatistics:
+        return self.guard.statistics()
 
     @classmethod
     def around(
@@ -376,22 +395,7 @@ class CircuitBreakerStage(_Wrapping, Stage):
     Config = CircuitBreakerConfig
     config: CircuitBreakerConfig
 
-    def __init__(self, config: CircuitBreakerConfig, ctx: StageContext) -> None:
-        super().__init__(config, ctx)
-        self.guard = _Guard(
-            config,
-            ctx,
-            primary_kind=Stage,
-            bound_primary=self._bound_primary,
-            bound_fallback=self._bound_fallback,
-        )
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self.guard.breaker
-
-    def statistics(self) -> CircuitBreakerStatistics:
-        return self.guard.statistics()
+    _primary_kind = Stage
 
     async def run(
         self,
@@ -422,22 +426,7 @@ class CircuitBreakerSink(_Wrapping, Sink):
     Config = CircuitBreakerConfig
     config: CircuitBreakerConfig
 
-    def __init__(self, config: CircuitBreakerConfig, ctx: StageContext) -> None:
-        super().__init__(config, ctx)
-        self.guard = _Guard(
-            config,
-            ctx,
-            primary_kind=BatchSink,
-            bound_primary=self._bound_primary,
-            bound_fallback=self._bound_fallback,
-        )
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self.guard.breaker
-
-    def statistics(self) -> CircuitBreakerStatistics:
-        return self.guard.statistics()
+    _primary_kind = BatchSink
 
     async def run(
         self, rx: BatchReceiver, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
