@@ -7,9 +7,10 @@ test that cannot run *fails*: CI must never pass by skipping the real tests.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -52,3 +53,33 @@ def _fail_bpf_in_ci(request: pytest.FixtureRequest) -> None:
 def unique_name() -> Iterator[str]:
     """A short unique name for netns, veth and pinned maps (IFNAMSIZ is 16)."""
     yield "bp" + uuid.uuid4().hex[:8]
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def capture_log() -> Iterator[Callable[[str], list[logging.LogRecord]]]:
+    """``capture_log("bpfpipe.sampler")``: the records that logger emits at INFO and
+    above during the test, whatever the CLI did to propagation."""
+    attached: list[tuple[logging.Logger, logging.Handler, int]] = []
+
+    def capture(name: str) -> list[logging.LogRecord]:
+        records: list[logging.LogRecord] = []
+        logger = logging.getLogger(name)
+        handler = _ListHandler(records)
+        attached.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        return records
+
+    yield capture
+    for logger, handler, level in reversed(attached):
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,26 +149,10 @@ class TickingSource(Source):
             await tx.send(batch)
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]) -> None:
-        super().__init__(logging.DEBUG)
-        self.records = records
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def breaker_log() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-    logger = logging.getLogger("bpfpipe.breaker")
-    handler = _ListHandler(records)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+def breaker_log(capture_log: Callable[[str], list[logging.LogRecord]]) -> list[logging.LogRecord]:
+    """Records from ``bpfpipe.breaker``."""
+    return capture_log("bpfpipe.breaker")
 
 
 def spool_to(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:

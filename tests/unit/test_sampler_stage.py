@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -168,27 +168,10 @@ class RecordingGate:
         self.rates.append(n)
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self, records: list[logging.LogRecord]) -> None:
-        super().__init__(logging.DEBUG)
-        self.records = records
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
-def sampler_log() -> Iterator[list[logging.LogRecord]]:
-    """Records from ``bpfpipe.sampler`` (whatever the CLI did to propagation)."""
-    records: list[logging.LogRecord] = []
-    logger = logging.getLogger("bpfpipe.sampler")
-    handler = _ListHandler(records)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+def sampler_log(capture_log: Callable[[str], list[logging.LogRecord]]) -> list[logging.LogRecord]:
+    """Records from ``bpfpipe.sampler``."""
+    return capture_log("bpfpipe.sampler")
 
 
 def fits(offered_per_s: float, capacity_per_s: float, n: int) -> bool:
