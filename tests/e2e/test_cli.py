@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _privilege import unprivileged
 
 BPFPIPE = [sys.executable, "-m", "pipeline.cli"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "BPF_DEBUG"}}
@@ -124,17 +125,10 @@ def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
     assert "Traceback" in proc.stderr
 
 
-def _as_unprivileged() -> list[str]:
-    """Run the CLI without root: as is when we are not root, else via setpriv as nobody."""
-    if os.geteuid() != 0:
-        return []
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-
-
 def test_not_root_says_what_is_missing_exit_3(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o755)
     proc = subprocess.run(
-        [*_as_unprivileged(), *BPFPIPE, "run", "--source", "exec", "--duration", "1"],
+        [*unprivileged(), *BPFPIPE, "run", "--source", "exec", "--duration", "1"],
         capture_output=True,
         text=True,
         timeout=60,

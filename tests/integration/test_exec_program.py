@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from _bcc_records import BccRecords
 
-from bpf.loader import LoadedProgram, load_program
+from bpf.loader import load_program
 
 pytestmark = pytest.mark.bpf
 
@@ -21,26 +19,8 @@ EVENT_EXEC, EVENT_EXIT = 1, 2  # enum exec_event_type in exec.h
 EXIT_CODE_UNKNOWN = -1
 
 
-class Events:
-    """Records read with bcc's own ring-buffer consumer, decoded with the loader's dtypes."""
-
-    def __init__(self, program: LoadedProgram) -> None:
-        self.program = program
-        self.records: list[np.void] = []
-        program.bpf[b"events"].open_ring_buffer(self._on_record)
-
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        raw = ctypes.string_at(data, size)
-        header = np.frombuffer(raw, self.program.header_dtype, count=1)[0]
-        dtype = self.program.event_types[int(header["type"])]
-        assert size >= dtype.itemsize
-        self.records.append(np.frombuffer(raw[: dtype.itemsize], dtype, count=1)[0])
-        return 0
-
-    def poll_until(self, done: Any, timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done() and time.monotonic() < deadline:
-            self.program.bpf.ring_buffer_poll(50)
+class Events(BccRecords):
+    """Exec/exit records read with bcc's own ring-buffer consumer."""
 
     def of(self, type_id: int, pid: int) -> list[np.void]:
         return [r for r in self.records if r["type"] == type_id and r["pid"] == pid]

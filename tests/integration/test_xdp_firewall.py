@@ -6,16 +6,14 @@ the finally blocks detach XDP and delete the veth and namespace.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import socket
 import time
 from collections import Counter
-from typing import Any
 
-import numpy as np
 import pytest
+from _bcc_records import BccRecords
 from _netns import interface_exists, interface_has_xdp, netns_exists, veth_netns
 
 from bpf.loader import BpfLoadError, XdpFirewallProgram, load_program
@@ -33,28 +31,7 @@ RATE_PPS, BURST = 200, 50
 FLOOD_PACKETS, FLOOD_INTERVAL_NS, FLOOD_BURST = 2000, 2_500_000, 10
 
 
-class Drops:
-    """Drop events read with bcc's own ring-buffer consumer."""
-
-    def __init__(self, program: XdpFirewallProgram) -> None:
-        self.program = program
-        self.records: list[np.void] = []
-        program.bpf[b"events"].open_ring_buffer(self._on_record)
-
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        raw = ctypes.string_at(data, size)
-        header = np.frombuffer(raw, self.program.header_dtype, count=1)[0]
-        dtype = self.program.event_types[int(header["type"])]
-        self.records.append(np.frombuffer(raw[: dtype.itemsize], dtype, count=1)[0])
-        return 0
-
-    def take(self, count: int, timeout_s: float = 3.0) -> list[np.void]:
-        deadline = time.monotonic() + timeout_s
-        while len(self.records) < count and time.monotonic() < deadline:
-            self.program.bpf.ring_buffer_poll(50)
-        self.program.bpf.ring_buffer_consume()
-        taken, self.records = self.records, []
-        return taken
+Drops = BccRecords  # drop events read with bcc's own ring-buffer consumer
 
 
 def receive(
