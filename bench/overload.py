@@ -214,7 +214,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             await nursery.start(pipe.run)
             final["rss_at_start_mib"] = proc_status_mib()[0]
             if kernel:
-                (program,) = pipe.services["bpf_program"]
+                (program,) = list(pipe.services.programs())
                 close = program.close
 
                 def close_after_reading_counters() -> None:

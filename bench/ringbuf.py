@@ -8,7 +8,7 @@ parallel. Each path consumes the same number of events from the same ring:
 * ``bcc``: ``b["events"].open_ring_buffer(cb)`` + ``b.ring_buffer_poll()``; the
   callback calls ``b["events"].event(data)`` (a ctypes view of clang's struct)
   and reads one field — the per-event Python path bcc tools use.
-* ``bpfpipe``: :class:`bpf.ringbuf.RingBuffer` + :func:`stages.reader.raw_batch`
+* ``bpfpipe``: :class:`bpf.ringbuf.RingBuffer` + :func:`stages.raw_records.raw_batch`
   + :func:`stages.decoder.decode_records` per wake-up: one copy and one
   vectorised decode for every record committed since the last wake-up.
 * ``bpfpipe_pipeline``: the same through trio stages —
@@ -54,7 +54,8 @@ from bpf.ringbuf import RingBuffer
 from pipeline import NodeSpec, Outcome, Pipeline
 from stages.decoder import Decoder, decode_records
 from stages.null_sink import NullSink
-from stages.reader import EventSchema, RingBufferReader, RingBufferReaderConfig, raw_batch
+from stages.raw_records import EventSchema, raw_batch
+from stages.reader import RingBufferReader, RingBufferReaderConfig
 
 PRODUCER = "import os\ngetppid = os.getppid\nwhile True:\n    getppid()\n"
 TIMEOUT_S = 60.0

@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 
 from pipeline import NodeSpec, Pipeline
+from pipeline.testing import settings
 from stages.noop import NoopStage
 from stages.null_sink import NullSink
 from stages.synthetic import SyntheticConfig, SyntheticSource
@@ -33,7 +34,8 @@ def run_once(batch_size: int, total: int, capacity: int) -> dict[str, float]:
     specs = [NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=batch_size, total_events=total))]
     specs += [NodeSpec(f"noop{i}", NoopStage) for i in range(STAGES)]
     specs.append(NodeSpec("sink", NullSink))
-    pipe = Pipeline(specs, [capacity] * (len(specs) - 1), max_inflight_events=0, max_inflight_bytes=0)
+    unbounded = settings(limits={"max_inflight_events": 0, "max_inflight_bytes": 0})
+    pipe = Pipeline(specs, [capacity] * (len(specs) - 1), settings=unbounded)
     start = time.perf_counter()
     trio.run(pipe.run)
     seconds = time.perf_counter() - start

@@ -1,19 +1,17 @@
-/* bpfpipe.h — shared by every bpfpipe BPF program. One schema source: the
- * event structs here (and in each program's header) are what user space
- * decodes; the loader derives numpy dtypes from clang's layout of them.
+/* bpfpipe.h — the kernel side every bpfpipe BPF program includes: the maps
+ * and helpers that implement the sampling gate and the ring buffer's
+ * conservation law. What user space shares with the kernel (event header,
+ * counter indices, defaults) is in bpfpipe_types.h, included here.
  *
  * Every program gets:
  *   - `events`          the ring buffer (size from config: BPFPIPE_RINGBUF_PAGES pages)
  *   - `bpfpipe_stats`   per-CPU counters, indexed by enum bpfpipe_stat
  *   - `bpfpipe_rate`    the in-kernel sampling gate: rate N keeps 1 in N (0/1 keep all)
  *
- * Kernel-side conservation, per CPU and in total:
+ * A program emits an event with bpfpipe_gate() -> bpfpipe_reserve() ->
+ * bpfpipe_fill_hdr() -> bpfpipe_submit(); each step counts, so
  *   STAT_EVENTS == STAT_SAMPLED_OUT + STAT_LOST_RESERVE + STAT_EMITTED
- * User space then accounts for every STAT_EMITTED event (read or drained).
- *
- * Each program's own header lists its events for the loader:
- *   #define BPFPIPE_EVENTS(X) X(type id >= 1, struct name, event name) ...
- * and every event struct begins with `struct bpfpipe_hdr hdr`.
+ * holds by construction.
  *
  * Compile programs through bpf/loader.py: bcc rewrites map method calls
  * (`bpfpipe_stats.lookup()` below) only in the main file, so the loader
@@ -23,31 +21,7 @@
 #ifndef BPFPIPE_H
 #define BPFPIPE_H
 
-#ifndef BPFPIPE_RINGBUF_PAGES
-#define BPFPIPE_RINGBUF_PAGES 64
-#endif
-#ifndef BPFPIPE_MAP_SIZE
-#define BPFPIPE_MAP_SIZE 65536
-#endif
-
-enum bpfpipe_stat {
-    STAT_EVENTS = 0,       /* events produced: candidates for emission */
-    STAT_SAMPLED_OUT = 1,  /* skipped by the sampling gate */
-    STAT_LOST_RESERVE = 2, /* ring buffer full: reserve failed */
-    STAT_EMITTED = 3,      /* submitted to the ring buffer */
-    STAT_PROCESSED = 4,    /* program invocations (packets for XDP) */
-    STAT_DROPPED = 5,      /* packets dropped (XDP) */
-    STAT_ERRORS = 6,       /* helper failures, malformed input */
-    STAT__MAX = 7,
-};
-
-/* Every event starts with this header. */
-struct bpfpipe_hdr {
-    u16 type;  /* event type id (per program, see its header) */
-    u16 cpu;   /* bpf_get_smp_processor_id() */
-    u32 rate;  /* sampling rate in effect when emitted: the event stands for `rate` events */
-    u64 ts_ns; /* bpf_ktime_get_ns() */
-};
+#include "bpfpipe_types.h"
 
 BPF_RINGBUF_OUTPUT(events, BPFPIPE_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(bpfpipe_stats, u64, STAT__MAX);

@@ -12,13 +12,8 @@
  * Every exiting thread deletes its own entry, so exec_procs holds at most the
  * live threads that were forked (or exec'd) while the program was loaded.
  */
+#include "bpfpipe.h"
 #include "exec.h"
-
-struct exec_proc {
-    u64 start_ns;  /* fork time (exec time if the fork was not seen); 0 = unknown */
-    u32 ppid;      /* parent tgid; 0 = unknown */
-    s32 exit_code; /* from exit_group(2), else EXEC_EXIT_CODE_UNKNOWN */
-};
 
 BPF_HASH(exec_procs, u32, struct exec_proc, BPFPIPE_MAP_SIZE);
 

@@ -5,6 +5,7 @@
  * synthetic load exactly as for real events. Every other process's getppid()
  * costs one map lookup.
  */
+#include "bpfpipe.h"
 #include "loadgen.h"
 
 BPF_ARRAY(loadgen_cfg, struct loadgen_config, 1);

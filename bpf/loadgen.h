@@ -7,7 +7,7 @@
 #ifndef BPFPIPE_LOADGEN_H
 #define BPFPIPE_LOADGEN_H
 
-#include "bpfpipe.h"
+#include "bpfpipe_types.h"
 
 /* Upper bound on events per call: keeps the loop bounded for the verifier. */
 #define LOADGEN_MAX_EVENTS_PER_CALL 64

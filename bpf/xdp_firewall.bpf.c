@@ -16,6 +16,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 
+#include "bpfpipe.h"
 #include "xdp_firewall.h"
 
 #define XDP_NSEC_PER_SEC 1000000000ULL

@@ -7,7 +7,7 @@
 #ifndef BPFPIPE_XDP_FIREWALL_H
 #define BPFPIPE_XDP_FIREWALL_H
 
-#include "bpfpipe.h"
+#include "bpfpipe_types.h"
 
 /* Type ids are unique across bpfpipe's programs and start at 1. */
 enum xdp_firewall_event_type {
@@ -40,7 +40,8 @@ struct xdp_rate_limit {
     u32 burst; /* packets a source may send back to back; 0 is treated as 1 */
 };
 
-/* Per-packet processing time histogram (rows of latency_hist), upper bounds in ns. */
+/* Per-packet processing time histogram (rows of latency_hist), upper bounds in ns.
+ * User space names the rows from this enum (XdpFirewallProgram.latency_buckets). */
 enum xdp_latency_bucket {
     LAT_LT_100NS = 0,
     LAT_LT_500NS = 1,

@@ -104,14 +104,32 @@ class InflightBudget:
 
 @dataclass(frozen=True, slots=True)
 class EdgeStatistics:
+    """One channel, seen from both ends. Counters are cumulative since start.
+
+    The producer's side: ``sent_*`` counts what ``send`` completed. The consumer's
+    side: ``received_*`` counts what the consumer took off the channel, so over a
+    period ``Δreceived_events`` is the consumer's rate, and while the consumer is
+    the bottleneck that rate is its capacity (what the sampler learns). Queued
+    counts include a batch whose ``send`` is still waiting for room.
+    """
+
     name: str
     capacity: int
     depth: int
+    """Batches buffered now."""
     peak_depth: int
     queued_events: int
+    """Events handed to ``send`` and not yet received (incl. a send that is waiting)."""
     queued_bytes: int
     sent_batches: int
     sent_events: int
+    received_batches: int
+    received_events: int
+
+    @property
+    def fill(self) -> float:
+        """Occupancy as a fraction of capacity."""
+        return self.depth / self.capacity
 
 
 class Edge:
@@ -128,6 +146,8 @@ class Edge:
         self.queued_bytes = 0
         self.sent_batches = 0
         self.sent_events = 0
+        self.received_batches = 0
+        self.received_events = 0
 
     @property
     def depth(self) -> int:
@@ -148,6 +168,8 @@ class Edge:
             self.queued_bytes,
             self.sent_batches,
             self.sent_events,
+            self.received_batches,
+            self.received_events,
         )
 
 
@@ -160,8 +182,13 @@ class BatchSender:
         self._admits = admits
 
     @property
-    def edge(self) -> Edge:
-        return self._edge
+    def fill(self) -> float:
+        """Occupancy of the channel as a fraction of its capacity (cheap: read per batch)."""
+        return self._edge.fill
+
+    def statistics(self) -> EdgeStatistics:
+        """Both ends' counters of this channel (see :class:`EdgeStatistics`)."""
+        return self._edge.statistics()
 
     async def send(self, batch: Batch) -> None:
         n = len(batch)
@@ -207,9 +234,9 @@ class BatchReceiver:
         self._edge = edge
         self._ctx = ctx
 
-    @property
-    def edge(self) -> Edge:
-        return self._edge
+    def statistics(self) -> EdgeStatistics:
+        """Both ends' counters of this channel (see :class:`EdgeStatistics`)."""
+        return self._edge.statistics()
 
     async def receive(self) -> Batch:
         batch = await self._edge.receive_channel.receive()
@@ -226,6 +253,8 @@ class BatchReceiver:
         edge = self._edge
         edge.queued_events -= n
         edge.queued_bytes -= batch.nbytes
+        edge.received_batches += 1
+        edge.received_events += n
         stats = self._ctx.stats
         stats.received_batches += 1
         stats.received_events += n

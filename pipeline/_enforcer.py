@@ -1,9 +1,13 @@
 """The periodic resource-limit enforcer: a thin trio shell over ``limits.ResourceGovernor``.
 
 Every ``limits.enforce_interval_s`` it reads the process's resident memory and
-the entry counts of the growing maps of every BPF program sources published,
-applies the governor's actions (memory pressure on/off, map trimming), logs each
-on transition and counts it (``counts``, for metrics).
+the entry counts of the growing maps of every :class:`~pipeline.TrimmableMaps`
+the sources published, applies the governor's actions (memory pressure on/off,
+map trimming), logs each on transition and counts it (``counts``, for metrics).
+
+It is a pipeline *helper*: ``build_pipeline`` composes it in
+(``Pipeline(..., helpers=[enforcer.run])``); a graph built without it reads
+nothing from ``/proc``.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
+from .config import LimitsConfig
 from .limits import EvictMap, MemoryPressure, ResourceGovernor
 
 if TYPE_CHECKING:
@@ -32,9 +37,8 @@ def read_rss_bytes() -> int:
 
 
 class ResourceEnforcer:
-    def __init__(self, pipeline: Pipeline, read_rss: Callable[[], int] = read_rss_bytes) -> None:
-        limits = pipeline.settings.limits
-        self._pipeline = pipeline
+    def __init__(self, limits: LimitsConfig, read_rss: Callable[[], int] = read_rss_bytes) -> None:
+        self._pipeline: Pipeline | None = None
         self._read_rss = read_rss
         self.interval_s = limits.enforce_interval_s
         self.governor = ResourceGovernor(
@@ -46,25 +50,25 @@ class ResourceEnforcer:
     def counts(self) -> dict[str, int]:
         return dict(self.governor.counts)
 
-    def _programs(self) -> list[Any]:
-        return [p for p in self._pipeline.services.get("bpf_program", []) if not getattr(p, "closed", False)]
+    def bind(self, pipeline: Pipeline) -> None:
+        """Enforce on ``pipeline`` (``run`` does this; tests calling ``check`` directly too)."""
+        self._pipeline = pipeline
 
     def check(self) -> None:
-        """One enforcement period (also called directly by tests).
+        """One enforcement period.
 
         A program whose maps cannot be read or trimmed is logged and skipped for this
         period: it must not leave the memory limit, or the other maps, unenforced."""
+        if self._pipeline is None:
+            raise RuntimeError("ResourceEnforcer.check() before bind(pipeline)")
         pressure = self._pipeline.pressure
         rss = self._read_rss()
         pressure.rss_bytes = rss
-        programs = {p.name: p for p in self._programs()}
+        programs = {p.name: p for p in self._pipeline.services.programs()}
         entries: dict[tuple[str, str], int] = {}
         for name, program in programs.items():
-            growing_maps = getattr(program, "growing_maps", None)
-            if growing_maps is None:  # not part of a reader's RingProgram contract: nothing to trim
-                continue
             try:
-                counts = growing_maps()
+                counts = program.growing_maps()
             except Exception as exc:
                 log.error("cannot read the maps of BPF program %r: %s: %s", name, type(exc).__name__, exc)
                 continue
@@ -103,7 +107,10 @@ class ResourceEnforcer:
                     },
                 )
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, pipeline: Pipeline, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.bind(pipeline)
         task_status.started()
         while True:
             try:

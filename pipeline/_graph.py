@@ -13,27 +13,33 @@ Theory of operation
 * A stage that raises is logged with its name and counted; the runtime then
   keeps draining its input (recording drops, reason ``stage failed``) so
   upstream never blocks on a dead consumer. It never kills the process.
+* Once every node has started, published services are wired by type (see
+  ``pipeline._services``): each sampling gate to the sampling controllers
+  downstream of its publisher. Then the *helpers* start: background tasks the
+  caller composed in (the resource enforcer, later servers), each
+  ``async def helper(pipeline, *, task_status)``. A graph built directly from
+  specs runs with none of them and touches nothing outside itself.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ._channel import BatchReceiver, BatchSender, BudgetStatistics, Edge, EdgeStatistics, InflightBudget
-from ._enforcer import ResourceEnforcer
+from ._services import SamplingController, SamplingGate, Services
 from ._stage import Sink, Source, Stage, StageContext, StageStatistics
 from .accounting import Ledger, LedgerSnapshot, Outcome
 from .config import Config
-from .errors import BpfpipeError, StageStartError
+from .errors import BpfpipeError, StageLoadError, StageStartError
 from .limits import Pressure
 
-__all__ = ["NodeSpec", "Pipeline", "PipelineStatistics"]
+__all__ = ["Helper", "NodeSpec", "Pipeline", "PipelineStatistics"]
 
 log = logging.getLogger("bpfpipe.pipeline")
 
@@ -99,6 +105,21 @@ def _first_start_error(group: BaseExceptionGroup[BaseException]) -> StageStartEr
     return None
 
 
+def _construct(spec: NodeSpec, ctx: StageContext) -> Source | Stage | Sink:
+    """Build one node; a constructor that raises is a config error naming the stage."""
+    try:
+        return spec.build(ctx)
+    except BpfpipeError:
+        raise
+    except Exception as exc:
+        raise StageLoadError(spec.name, f"constructing it raised {type(exc).__name__}: {exc}") from exc
+
+
+Helper = Callable[..., Awaitable[None]]
+"""A background task run beside the nodes: ``async def helper(pipeline, *, task_status)``;
+it calls ``task_status.started()`` once running and is cancelled when the graph ends."""
+
+
 class _StartedFlag(trio.TaskStatus[None]):
     """Wraps a TaskStatus to remember whether the node said it was ready."""
 
@@ -120,10 +141,9 @@ class Pipeline:
         nodes: Sequence[NodeSpec],
         capacities: Sequence[int],
         *,
-        max_inflight_events: int = 0,
-        max_inflight_bytes: int = 0,
-        ledger: Ledger | None = None,
         settings: Config | None = None,
+        ledger: Ledger | None = None,
+        helpers: Sequence[Helper] = (),
     ) -> None:
         if len(nodes) < 2:
             raise ValueError("a pipeline needs at least a source and a sink")
@@ -136,11 +156,13 @@ class Pipeline:
         if kinds[0] != "source" or kinds[-1] != "sink" or any(k != "stage" for k in kinds[1:-1]):
             raise ValueError(f"expected source, stages..., sink; got {kinds}")
         self.ledger = ledger if ledger is not None else Ledger()
-        self.budget = InflightBudget(max_inflight_events, max_inflight_bytes)
-        self.specs = tuple(nodes)
         self.settings = settings if settings is not None else Config()
+        limits = self.settings.limits
+        self.budget = InflightBudget(limits.max_inflight_events, limits.max_inflight_bytes)
+        self.specs = tuple(nodes)
         self.pressure = Pressure()
-        self.services: dict[str, list[Any]] = {}
+        self.services = Services()
+        self.helpers = tuple(helpers)
         self.contexts = [
             StageContext(
                 n.name,
@@ -150,18 +172,19 @@ class Pipeline:
                 settings=self.settings,
                 pressure=self.pressure,
                 services=self.services,
+                node=i,
+                upstream=tuple(names[:i]),
             )
-            for n in nodes
+            for i, n in enumerate(nodes)
         ]
         for ctx in self.contexts:
             ctx.request_stop = self.stop
         self.edges = [
             Edge(f"{a.name}->{b.name}", cap) for a, b, cap in zip(nodes, nodes[1:], capacities, strict=False)
         ]
-        self.nodes = [spec.build(ctx) for spec, ctx in zip(nodes, self.contexts, strict=True)]
+        self.nodes = [_construct(spec, ctx) for spec, ctx in zip(nodes, self.contexts, strict=True)]
         self._source_scope = trio.CancelScope()
         self._nursery_scope: trio.CancelScope | None = None
-        self.enforcer = ResourceEnforcer(self)
         self.finished = trio.Event()
 
     # -- control --------------------------------------------------------------------
@@ -199,7 +222,8 @@ class Pipeline:
                         for index in reversed(range(len(self.nodes))):
                             await nursery.start(self._run_node, index)
                         self._wire()
-                        await helpers.start(self.enforcer.run)
+                        for helper in self.helpers:
+                            await helpers.start(helper, self)
                         log.info(
                             "pipeline started",
                             extra={"stages": " -> ".join(s.name for s in self.specs)},
@@ -217,12 +241,13 @@ class Pipeline:
             self.finished.set()
 
     def _wire(self) -> None:
-        """Connect what sources published to the stages that use it."""
-        for gate in self.services.get("sampling_gate", []):
-            for node in self.nodes:
-                attach = getattr(node, "attach_gate", None)
-                if callable(attach):
-                    attach(gate)
+        """Connect published sampling gates to the controllers downstream of them."""
+        for published in self.services.sampling_gates:
+            gate = published.service
+            assert isinstance(gate, SamplingGate)
+            for node in self.nodes[published.node + 1 :]:
+                if isinstance(node, SamplingController):
+                    node.attach_gate(gate)
 
     async def _run_node(self, index: int, task_status: trio.TaskStatus[None]) -> None:
         node = self.nodes[index]

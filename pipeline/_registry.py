@@ -14,16 +14,12 @@ from typing import Any
 
 import msgspec
 
-from ._graph import NodeSpec
-from ._stage import Sink, Source, Stage
-from .config import Config, NodeConfig, config_error_from
+from .config import config_error_from
 from .errors import StageLoadError
 
-__all__ = ["ENTRY_POINT_GROUP", "available_stages", "build_specs", "resolve"]
+__all__ = ["ENTRY_POINT_GROUP", "available_stages", "decode_stage_config", "resolve"]
 
 ENTRY_POINT_GROUP = "bpfpipe.stages"
-
-_KIND_BASE: dict[str, type[Any]] = {"source": Source, "stage": Stage, "sink": Sink}
 
 
 def available_stages() -> dict[str, str]:
@@ -32,6 +28,8 @@ def available_stages() -> dict[str, str]:
 
 
 def resolve(use: str, *, stage: str) -> type[Any]:
+    """The class ``use`` names (see the module docstring); ``stage`` names the stage
+    asking, for the error message."""
     if ":" in use:
         module_name, _, attr = use.partition(":")
         try:
@@ -63,39 +61,16 @@ def resolve(use: str, *, stage: str) -> type[Any]:
         ) from None
 
 
-def _node_spec(node: NodeConfig, kind: str, path: str) -> NodeSpec:
-    name = node.name or node.use
-    cls = resolve(node.use, stage=name)
-    base = _KIND_BASE[kind]
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        what = getattr(cls, "kind", None) or type(cls).__name__
-        raise StageLoadError(
-            name, f"{node.use!r} is a {what}, not a {kind} ({base.__module__}.{base.__name__})"
-        )
+def decode_stage_config(cls: type[Any], raw: Any, *, stage: str, path: str) -> Any:
+    """``cls.Config`` from ``raw``: None (the defaults), a table (decoded strictly;
+    errors name the key as ``<path>.<key>``), or an already decoded ``Config``."""
+    if raw is None:
+        return cls.Config()
+    if isinstance(raw, cls.Config):
+        return raw
+    if not isinstance(raw, dict):
+        raise StageLoadError(stage, f"{path}: expected a table, got {type(raw).__name__}")
     try:
-        config = msgspec.convert(node.config, cls.Config, strict=True)
+        return msgspec.convert(raw, cls.Config, strict=True)
     except msgspec.ValidationError as exc:
-        err = config_error_from(exc, node.config, cls.Config, prefix=f"{path}.config")
-        raise StageLoadError(name, str(err)) from None
-    return NodeSpec(name, cls, config)
-
-
-def build_specs(config: Config) -> tuple[list[NodeSpec], list[int]]:
-    """The chain's node specs and the capacity of each edge (into nodes 1..n)."""
-    source = _node_spec(config.source, "source", "source")
-    companions = [
-        NodeConfig(use=use, name=f"{source.name}.{suffix}")
-        for suffix, use in getattr(source.factory, "follow_with", ())
-    ]
-    specs = [source]
-    specs += [_node_spec(node, "stage", f"source.follow_with[{i}]") for i, node in enumerate(companions)]
-    specs += [_node_spec(node, "stage", f"stages[{i}]") for i, node in enumerate(config.stages)]
-    specs.append(_node_spec(config.sink, "sink", "sink"))
-    nodes = [config.source, *companions, *config.stages, config.sink]
-    names = [s.name for s in specs]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise StageLoadError(name, "two stages have this name; give each a unique 'name'")
-    default = config.channels.capacity
-    capacities = [node.capacity or default for node in nodes[1:]]
-    return specs, capacities
+        raise StageLoadError(stage, str(config_error_from(exc, raw, cls.Config, prefix=path))) from None

@@ -26,7 +26,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 import numpy as np
@@ -34,9 +34,12 @@ import trio
 
 from ._batch import Batch
 from ._channel import BatchReceiver, BatchSender, InflightBudget
+from ._registry import decode_stage_config, resolve
+from ._services import Services
 from .accounting import Ledger, Outcome
 from .config import Config
-from .errors import SinkClosed
+from .config import Config as _Settings  # ``Config`` in a stage class is its own config
+from .errors import SinkClosed, StageLoadError
 from .limits import Pressure
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StageStatistics",
+    "describe",
     "per_event",
 ]
 
@@ -84,8 +88,12 @@ class StageStatistics:
         )
 
 
+_T = TypeVar("_T")
+
+
 class StageContext:
-    """What the runtime gives each stage: its name, logger, counters and ledger."""
+    """What the runtime gives each stage: its name, logger, counters and ledger,
+    the pipeline's settings and resource pressure, and a way to publish services."""
 
     def __init__(
         self,
@@ -96,14 +104,22 @@ class StageContext:
         logger: logging.Logger | None = None,
         settings: Config | None = None,
         pressure: Pressure | None = None,
-        services: dict[str, list[Any]] | None = None,
+        services: Services | None = None,
+        *,
+        node: int = 0,
+        upstream: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.settings = settings if settings is not None else Config()
-        """The whole effective config (e.g. ``ring_buffer_size`` for a BPF source)."""
+        """The whole effective config. Prefer resolving what a stage needs from it in
+        ``resolve_config`` (at build time, so ``bpfpipe check`` shows it)."""
         self.pressure = pressure if pressure is not None else Pressure()
         """What the resource enforcer demands now (read by sources every loop)."""
-        self.services: dict[str, list[Any]] = services if services is not None else {}
+        self.services = services if services is not None else Services()
+        self.node = node
+        """Position of this stage's node in the chain (0: the source)."""
+        self.upstream = upstream
+        """Names of the nodes before this one, nearest last (for per-source ledger reads)."""
         self.request_stop: Callable[[], None] = lambda: None
         """Ask the pipeline for a graceful stop (set by the runtime)."""
         self.stats = StageStatistics(name, kind)
@@ -111,11 +127,49 @@ class StageContext:
         self.budget = budget
         self.log = logger or logging.getLogger(f"bpfpipe.stage.{name}")
 
-    def publish(self, kind: str, service: Any) -> None:
-        """Offer something to the rest of the pipeline, e.g. ``publish("sampling_gate",
-        program)`` or ``publish("bpf_program", program)``. The runtime wires published
-        sampling gates to every stage with an ``attach_gate`` method once all have started."""
-        self.services.setdefault(kind, []).append(service)
+    def publish(self, service: object) -> None:
+        """Offer ``service`` to the rest of the pipeline; the runtime wires it by the
+        protocols it implements (see ``pipeline.SamplingGate``, ``pipeline.TrimmableMaps``):
+        e.g. a BPF source publishes its loaded program, whose gate the sampler downstream
+        then controls and whose maps the resource enforcer trims. Raises ``TypeError``
+        if ``service`` implements none of them."""
+        self.services.publish(self.node, service)
+
+    def child(self, role: str, kind: str) -> StageContext:
+        """The context of a stage this one wraps (named ``<name>.<role>``): same ledger,
+        budget, settings, pressure and services, its own counters and logger."""
+        ctx = StageContext(
+            f"{self.name}.{role}",
+            kind,
+            self.ledger,
+            self.budget,
+            settings=self.settings,
+            pressure=self.pressure,
+            services=self.services,
+            node=self.node,
+            upstream=self.upstream,
+        )
+        ctx.request_stop = self.request_stop
+        return ctx
+
+    def build_child(
+        self, role: str, stage: str | type[_T], config: Any = None, *, expect: type[_T], path: str = "config"
+    ) -> _T:
+        """Build a stage this one wraps, as the runtime builds a top-level one.
+
+        ``stage`` is a ``use`` string (``pkg.mod:Class`` or a registered name) or a
+        class; ``config`` is None (defaults), a table (decoded strictly; errors name
+        ``<path>.<key>``) or a ready ``Config``. The child must be an ``expect``; its
+        config goes through its ``resolve_config`` with the pipeline's settings, and it
+        gets :meth:`child`'s context. Errors are ``StageLoadError``s naming this stage."""
+        cls = resolve(stage, stage=self.name) if isinstance(stage, str) else stage
+        if not (isinstance(cls, type) and issubclass(cls, expect)):
+            raise StageLoadError(self.name, f"{role} {describe(cls)} is not a {describe(expect)}")
+        decoded = decode_stage_config(cls, config, stage=self.name, path=path)
+        configurable: Any = cls
+        resolved = configurable.resolve_config(decoded, self.settings)
+        kind = getattr(cls, "kind", "stage")
+        return configurable(resolved, self.child(role, kind))  # type: ignore[no-any-return]
 
     # -- accounting helpers (all per batch; never per event) ---------------------------
     def produced(self, count: int, weight: float | None = None) -> None:
@@ -178,12 +232,28 @@ class StageContext:
         )
 
 
+def describe(obj: object) -> str:
+    """``module:Qualname`` of a class (for messages), or its repr."""
+    if isinstance(obj, type):
+        return f"{obj.__module__}:{obj.__qualname__}"
+    return repr(obj)
+
+
 class _Configurable:
     Config: ClassVar[type[msgspec.Struct]] = NoConfig
 
     def __init__(self, config: Any, ctx: StageContext) -> None:
         self.config = config
         self.ctx = ctx
+
+    @classmethod
+    def resolve_config(cls, config: Any, settings: _Settings) -> Any:
+        """Fill in what this stage's config leaves to the pipeline's settings (e.g. a
+        ring buffer size defaulting to the top-level one) and check what can be checked
+        without starting, raising ``ConfigError`` with key paths relative to the stage's
+        ``config`` table. Called when the graph is built, so ``bpfpipe check`` prints
+        (and validates) exactly what ``run`` will use. The default returns ``config``."""
+        return config
 
 
 class Source(_Configurable, ABC):

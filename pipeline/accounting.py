@@ -20,7 +20,7 @@ This module is pure: no trio, no kernel, no clock. The runtime calls it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 __all__ = ["Ledger", "LedgerSnapshot", "Outcome", "OutcomeKey", "Tally"]
@@ -78,8 +78,13 @@ class LedgerSnapshot:
     def total(self, outcome: Outcome) -> int:
         return sum(t.count for k, t in self.outcomes.items() if k.outcome is outcome)
 
-    def total_weight(self, outcome: Outcome) -> float:
-        return sum(t.weight for k, t in self.outcomes.items() if k.outcome is outcome)
+    def total_weight(self, *outcomes: Outcome, stages: Collection[str] | None = None) -> float:
+        """Summed weight of these outcomes, recorded by any stage or only by ``stages``."""
+        return sum(
+            t.weight
+            for k, t in self.outcomes.items()
+            if k.outcome in outcomes and (stages is None or k.stage in stages)
+        )
 
     def estimated_true_count(self) -> float:
         """Sampling-weighted estimate of how many events really happened.

@@ -23,10 +23,9 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__
-from ._build import build_pipeline
+from ._build import build_pipeline, resolved_config
 from ._graph import Pipeline
 from ._log import setup_logging
-from ._registry import build_specs
 from .config import Config, dump_config, load_config
 from .errors import BpfpipeError
 
@@ -148,8 +147,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     config = _effective_config(args, args.config or os.environ.get("BPFPIPE_CONFIG"))
-    build_specs(config)  # resolve every stage and decode its config
-    sys.stdout.write(dump_config(config))
+    # Resolve every stage, decode and resolve its config, construct it (without starting).
+    pipe = build_pipeline(config)
+    sys.stdout.write(dump_config(resolved_config(config, list(pipe.specs)), annotate=True))
     return 0
 
 

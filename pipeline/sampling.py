@@ -27,7 +27,7 @@ likes; every count is summed over the adjustment period:
   consumer's cost is per event it handles, whatever the event stands for.
 
 and :meth:`SamplingPolicy.tick` with the current time. A tick at or after
-:attr:`SamplingPolicy.due_at` (``period_s`` after the previous adjustment) runs one
+:attr:`SamplingPolicy.due_at` (``adjust_period_s`` after the previous adjustment) runs one
 adjustment on the period's *mean* fill and *mean* lag (no samples counts as an
 idle, unpressured period), its input rate and its flows; earlier ticks do nothing.
 
@@ -116,6 +116,9 @@ import collections
 import enum
 import math
 from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
 
 __all__ = [
     "CAPACITY_TOLERANCE",
@@ -147,33 +150,53 @@ CAPACITY_TOLERANCE = 0.2
 this much with the load on the CPU it shares with the pipeline."""
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """The policy's knobs (the stage's config maps onto these one to one)."""
+Rate = Annotated[int, msgspec.Meta(ge=1)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
-    min_sample_rate: int = 1
-    """Lower bound of N (and its starting value): always keep at most 1 event in this many."""
-    max_sample_rate: int = 1000
-    """Upper bound of N: never keep fewer than 1 event in this many."""
-    period_s: float = 0.5
-    high_fill: float = 0.75
-    low_fill: float = 0.25
-    high_lag_s: float = 1.0
-    """Lag at or above this is pressure; 0 ignores lag."""
-    low_lag_s: float = 0.2
-    decrease_factor: float = 0.5
-    """Keep fraction multiplier per pressured period, in (0, 1)."""
-    increase_step: float = 0.05
-    """Keep fraction added per relief period, in (0, 1]."""
-    max_events_per_sec: float = 0.0
-    """Cap on the delivered (post-sampling) event rate; 0 = no cap."""
-    cap_hysteresis: float = 0.1
-    """Headroom required before the cap lets N fall, and left below a learned capacity, in [0, 1)."""
-    capacity_growth: float = 0.02
-    """Growth of the learned capacity per relief period once the hold is over, in [0, 1); 0 = never probe."""
-    capacity_hold_periods: int = 20
-    """Relief periods after a capacity measurement before the capacity grows; also how many
+
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The policy's knobs: the one definition of each, with its default and bounds.
+
+    The sampler stage's config *is* this struct (plus a seed), so a TOML table
+    decodes straight into it; decoding checks each field's bounds with its key
+    path, and ``__post_init__`` checks the relations between fields (also when
+    built directly, which skips the per-field bounds)."""
+
+    min_sample_rate: Rate = 1
+    """Always keep at most 1 event in this many (1 = sample only under pressure); N starts here."""
+    max_sample_rate: Rate = 1000
+    """Never keep fewer than 1 event in this many, however bad the pressure."""
+    adjust_period_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    """How often the rate is reconsidered."""
+    high_fill: Fraction = 0.75
+    """Mean fill of the downstream channel at or above which the keep fraction falls."""
+    low_fill: Fraction = 0.25
+    """Mean fill at or below which (with low lag) the keep fraction recovers."""
+    high_lag_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    """Mean lag (now - read time) at or above which the keep fraction falls; 0 ignores lag."""
+    low_lag_s: Annotated[float, msgspec.Meta(ge=0)] = 0.2
+    decrease_factor: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+    """Keep-fraction multiplier per pressured period (0.5: halve)."""
+    increase_step: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
+    """Keep fraction added per period of relief (0.05: N=1000 back to 1 within 11 periods)."""
+    max_events_per_sec: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    """Cap on the delivered (post-sampling) event rate; 0 = no cap. Unset: the sampler
+    stage takes the pipeline's ``limits.max_events_per_sec`` (the policy: no cap)."""
+    cap_hysteresis: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1
+    """Headroom below the cap required before the cap lets N fall again; also the headroom
+    left below a learned downstream capacity."""
+    capacity_growth: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.02
+    """Growth of the learned capacity per relief period once the hold is over (probing for a
+    faster consumer); 0 = never probe."""
+    capacity_hold_periods: Rate = 20
+    """Relief periods after a capacity measurement before the capacity grows (20: 10 s);
+    doubled, up to ``MAX_HOLD_FACTOR`` times, while measurements agree; also how many
     relief periods in a row in which it does not hold N up forget it."""
+
+    @property
+    def cap_per_s(self) -> float:
+        """``max_events_per_sec`` with unset as 0 (no cap)."""
+        return self.max_events_per_sec or 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -182,8 +205,8 @@ class SamplingParams:
                 f"need 1 <= min_sample_rate <= max_sample_rate, got {self.min_sample_rate}, "
                 f"{self.max_sample_rate}"
             )
-        if not self.period_s > 0:
-            problems.append(f"period_s must be > 0, got {self.period_s}")
+        if not self.adjust_period_s > 0:
+            problems.append(f"adjust_period_s must be > 0, got {self.adjust_period_s}")
         if not 0 <= self.low_fill < self.high_fill <= 1:
             problems.append(f"need 0 <= low_fill < high_fill <= 1, got {self.low_fill}, {self.high_fill}")
         lag_inverted = self.high_lag_s > 0 and self.low_lag_s >= self.high_lag_s
@@ -193,7 +216,7 @@ class SamplingParams:
             problems.append(f"decrease_factor must be in (0, 1), got {self.decrease_factor}")
         if not 0 < self.increase_step <= 1:
             problems.append(f"increase_step must be in (0, 1], got {self.increase_step}")
-        if self.max_events_per_sec < 0:
+        if self.cap_per_s < 0:
             problems.append(f"max_events_per_sec must be >= 0, got {self.max_events_per_sec}")
         if not 0 <= self.cap_hysteresis < 1:
             problems.append(f"cap_hysteresis must be in [0, 1), got {self.cap_hysteresis}")
@@ -249,7 +272,7 @@ class SamplingPolicy:
         self._unpressured_input_per_s = 0.0
         self._backlog = 0.0
         self._period_start = now
-        self.due_at = now + params.period_s
+        self.due_at = now + params.adjust_period_s
         """When the next adjustment is due (the shell sleeps until then)."""
         self._fill_sum = 0.0
         self._fill_n = 0
@@ -303,7 +326,7 @@ class SamplingPolicy:
             return None
         p = self.params
         elapsed = now - self._period_start
-        periods = max(1, int(elapsed // p.period_s))
+        periods = max(1, int(elapsed // p.adjust_period_s))
         fill = self._fill_sum / self._fill_n if self._fill_n else 0.0
         fill_end = self._fill_last if self._fill_n else 0.0
         lag_s = self._lag_sum / self._lag_n if self._lag_n else 0.0
@@ -315,7 +338,7 @@ class SamplingPolicy:
             self._lost_upstream,
         )
         self._period_start = now
-        self.due_at = now + p.period_s
+        self.due_at = now + p.adjust_period_s
         self._fill_sum = self._lag_sum = self._weighted_in = self._lost_upstream = 0.0
         self._sent = self._consumed = self._consumed_batches = 0.0
         self._fill_n = self._lag_n = 0
@@ -366,8 +389,8 @@ class SamplingPolicy:
                 self.capacity.relieved(periods)
         self._pressured = pressured
 
-        if p.max_events_per_sec > 0:
-            low = offered_per_s / p.max_events_per_sec
+        if p.cap_per_s > 0:
+            low = offered_per_s / p.cap_per_s
             self._cap = max(1, min(max(self._cap, math.ceil(low)), math.ceil(low / h), p.max_sample_rate))
         self._update_learned(offered_per_s, h, measured)
 

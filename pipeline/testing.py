@@ -8,12 +8,14 @@
         assert result.ledger.pending == 0
 
 ``TestingSource`` emits the batches you give it (never blocking on anything but
-the channel); ``TestingSink`` keeps every batch it receives, in order.
+the channel); ``TestingSink`` keeps every batch it receives, in order;
+``wait_until`` polls a condition on trio's clock; ``settings`` builds a
+pipeline ``Config`` from nested tables (``settings(limits={"max_inflight_events": 0})``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +28,30 @@ from ._channel import BatchSender
 from ._graph import NodeSpec, Pipeline, PipelineStatistics
 from ._stage import BatchSink, Source, Stage, StageContext
 from .accounting import LedgerSnapshot
+from .config import Config, decode_config
 
-__all__ = ["RunResult", "TestingSink", "TestingSource", "make_batch", "run_stages"]
+__all__ = [
+    "RunResult",
+    "TestingSink",
+    "TestingSource",
+    "make_batch",
+    "run_stages",
+    "settings",
+    "wait_until",
+]
+
+
+def settings(**tables: Mapping[str, Any] | Any) -> Config:
+    """A validated pipeline config from top-level keys and nested tables, e.g.
+    ``settings(limits={"max_inflight_events": 0, "max_memory_mb": 0})``."""
+    return decode_config(tables)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, poll_s: float = 0.002) -> None:
+    """Return once ``predicate()`` is true; fail (``trio.TooSlowError``) after ``timeout`` s."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(poll_s)
 
 
 def make_batch(source: str = "test", seq: int = 0, **columns: Sequence[Any]) -> Batch:
@@ -100,14 +124,18 @@ async def run_stages(
     batches: Sequence[Batch],
     *,
     capacity: int = 4,
+    pipeline_settings: Config | None = None,
 ) -> RunResult:
-    """Run ``TestingSource(batches) → stages… → TestingSink`` to completion."""
+    """Run ``TestingSource(batches) → stages… → TestingSink`` to completion, with
+    ``pipeline_settings`` (default: an unbounded in-flight budget)."""
     specs = [NodeSpec("source", TestingSource, TestingSourceConfig(tuple(batches)))]
     for i, entry in enumerate(stages):
         cls, config = entry if isinstance(entry, tuple) else (entry, None)
         specs.append(NodeSpec(f"{cls.__name__}-{i}", cls, config))
     specs.append(NodeSpec("sink", TestingSink))
-    pipe = Pipeline(specs, [capacity] * (len(specs) - 1))
+    if pipeline_settings is None:
+        pipeline_settings = settings(limits={"max_inflight_events": 0, "max_inflight_bytes": 0})
+    pipe = Pipeline(specs, [capacity] * (len(specs) - 1), settings=pipeline_settings)
     await pipe.run()
     sink = pipe.nodes[-1]
     assert isinstance(sink, TestingSink)

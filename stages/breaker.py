@@ -52,11 +52,20 @@ from typing import Annotated, Any, ClassVar, Protocol, Self
 import msgspec
 import trio
 
-from pipeline import Batch, BatchReceiver, BatchSender, BatchSink, Outcome, Sink, Stage, StageContext
-from pipeline._registry import resolve
+from pipeline import (
+    Batch,
+    BatchReceiver,
+    BatchSender,
+    BatchSink,
+    Outcome,
+    Sink,
+    Stage,
+    StageContext,
+    StageLoadError,
+    describe,
+    resolve_stage,
+)
 from pipeline.breaker import BreakerState, BreakerStatistics, CircuitBreaker, Route, Transition
-from pipeline.config import config_error_from
-from pipeline.errors import StageLoadError
 
 from .spool_sink import SPOOL_FULL, SpoolSink
 
@@ -181,7 +190,7 @@ class _Guard:
         if bound is not None:
             cls, raw = bound
         elif config.primary:
-            cls, raw = resolve(config.primary, stage=name), config.primary_config
+            cls, raw = resolve_stage(config.primary, stage=name), config.primary_config
         else:
             raise StageLoadError(
                 name, "the breaker needs a primary: set config.primary = 'package.module:Class'"
@@ -193,39 +202,30 @@ class _Guard:
             ok = isinstance(cls, type) and issubclass(cls, Stage) and callable(getattr(cls, "process", None))
             wanted = "a stage with process(batch) (a BatchStage)"
         if not ok:
-            raise StageLoadError(name, f"primary {_describe(cls)} is not {wanted}")
-        return _instantiate(cls, raw, self._child("primary", cls.kind), name, "config.primary_config")
+            raise StageLoadError(name, f"primary {describe(cls)} is not {wanted}")
+        return self.ctx.build_child("primary", cls, raw, expect=kind, path="config.primary_config")
 
     def _build_fallback(self, config: CircuitBreakerConfig, bound: _Bound | None) -> Fallback:
         name = self.ctx.name
         if bound is not None:
             cls, raw = bound
         else:
-            cls, raw = resolve(config.fallback, stage=name), config.fallback_config
+            cls, raw = resolve_stage(config.fallback, stage=name), config.fallback_config
         is_sink = isinstance(cls, type) and issubclass(cls, Sink)
         if not (is_sink and (callable(getattr(cls, "spool", None)) or issubclass(cls, BatchSink))):
             raise StageLoadError(
-                name, f"fallback {_describe(cls)} is not a sink with spool(batch) nor a BatchSink"
+                name, f"fallback {describe(cls)} is not a sink with spool(batch) nor a BatchSink"
             )
         if cls is SpoolSink and (raw is None or (isinstance(raw, dict) and "path" not in raw)):
             # One spool file per breaker: two spools sharing a file would each think it had the room.
             safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             raw = {**(raw or {}), "path": f"bpfpipe-spool-{safe_name}.jsonl"}
-        target = _instantiate(cls, raw, self._child("fallback", "sink"), name, "config.fallback_config")
-        if callable(getattr(target, "spool", None)):
+        target = self.ctx.build_child("fallback", cls, raw, expect=Sink, path="config.fallback_config")
+        if isinstance(target, SpoolSink) or callable(getattr(target, "spool", None)):
             spooler: Fallback = target
             return spooler
+        assert isinstance(target, BatchSink)
         return _SinkFallback(target)
-
-    def _child(self, role: str, kind: str) -> StageContext:
-        parent = self.ctx
-        return StageContext(
-            f"{parent.name}.{role}",
-            kind,
-            parent.ledger,
-            parent.budget,
-            logging.getLogger(f"bpfpipe.stage.{parent.name}.{role}"),
-        )
 
     # -- routing ---------------------------------------------------------------------
     async def route(self, batch: Batch) -> tuple[bool, Batch | None]:
@@ -325,27 +325,6 @@ class _Guard:
         )
 
 
-def _describe(obj: Any) -> str:
-    if isinstance(obj, type):
-        return f"{obj.__module__}:{obj.__qualname__}"
-    return repr(obj)
-
-
-def _instantiate(cls: type[Any], raw: Any, ctx: StageContext, stage: str, path: str) -> Any:
-    """Build ``cls`` with ``raw`` config: None (defaults), a table, or a ready Config."""
-    if raw is None:
-        config = cls.Config()
-    elif isinstance(raw, dict):
-        try:
-            config = msgspec.convert(raw, cls.Config, strict=True)
-        except msgspec.ValidationError as exc:
-            error = config_error_from(exc, raw, cls.Config, prefix=path)
-            raise StageLoadError(stage, str(error)) from None
-    else:
-        config = raw
-    return cls(config, ctx)
-
-
 class _Wrapping:
     """``around()``: bind primary (and fallback) classes in Python instead of by import path."""
 
@@ -384,8 +363,8 @@ class _Wrapping:
         ``run_stages``. Each config may be None (defaults), a table or a Config; the
         bound classes take precedence over ``config.primary``/``config.fallback``."""
         attrs: dict[str, Any] = {"_bound_primary": (primary, primary_config), "__module__": cls.__module__}
-        if fallback is not None:
-            attrs["_bound_fallback"] = (fallback, fallback_config)
+        if fallback is not None or fallback_config is not None:  # a config alone: for the spool
+            attrs["_bound_fallback"] = (fallback or SpoolSink, fallback_config)
         return type(f"{cls.__name__}[{primary.__name__}]", (cls,), attrs)
 
 

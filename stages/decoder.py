@@ -2,9 +2,10 @@
 
 Input: batches from :class:`stages.reader.RingBufferReader` (rows of
 ``offset``/``length``/``type`` into raw bytes carried in the payload, with the
-program's :class:`~stages.reader.EventSchema`). Output: batches whose
-``events`` are numpy structured arrays of the event type's dtype (derived by
-the loader from the C struct: one schema source).
+program's :class:`~stages.raw_records.EventSchema`; the contract lives in
+:mod:`stages.raw_records`). Output: batches whose ``events`` are numpy
+structured arrays of the event type's dtype (derived by the loader from the C
+struct: one schema source).
 
 Design
 ------
@@ -14,8 +15,8 @@ Design
   ``source``, ``seq`` and ``read_time_ns`` (``(seq, type)`` is unique). Order
   is kept within a type; across types only the kernel timestamps ``ts_ns``
   order events. Most programs emit one type, so most inputs give one batch.
-  This fan-out is why the decoder drives its own loop instead of returning one
-  batch from ``process``.
+  This fan-out is why the decoder is a :class:`pipeline.Stage` driving its own
+  loop, not a ``BatchStage`` returning one batch per input.
 * **Vectorised.** All ring records start on 8-byte boundaries, so the raw
   bytes are viewed (no copy) as "an event of this type starting at every 8th
   byte" — a strided array — and decoding is one slice when the records are
@@ -25,9 +26,12 @@ Design
 * **Weights** are carried from the input: the reader stamps each record's
   header ``rate`` (an event kept at rate 1/N weighs N), so they equal the rate
   unless a stage in between rescaled them.
-* **Malformed records** — shorter than their type's struct, or of a type the
-  schema does not know — are dropped and counted (``ctx.drop(..., reason=
-  "malformed")``); never fatal.
+* **Accounting.** Every input record leaves in exactly one output batch or is
+  dropped. **Malformed records** — shorter than their type's struct, or of a
+  type the schema does not know — are dropped and counted (``ctx.drop(...,
+  reason="malformed")``); never fatal. An input that cannot be decoded at all
+  is logged as an error and dropped whole (reason ``error``), as the runtime
+  does for a ``BatchStage`` whose ``process`` raises.
 * Batches without raw records (already decoded, or from another source) pass
   through unchanged.
 
@@ -50,9 +54,9 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from pipeline import Batch, BatchReceiver, BatchSender, BatchStage
+from pipeline import Batch, BatchReceiver, BatchSender, Stage
 
-from .reader import RawRecords
+from .raw_records import RawRecords
 
 __all__ = [
     "Decoded",
@@ -157,16 +161,16 @@ def decode_records(batch: Batch) -> Decoded:
     return Decoded(out, malformed, malformed_weight)
 
 
-class Decoder(BatchStage):
+class Decoder(Stage):
     """Raw ring-buffer records in, one typed batch per event type out."""
 
     def process(self, batch: Batch) -> Batch | None:
-        """Decode a batch that holds (at most) one event type.
+        """Decode a batch that holds (at most) one event type; other batches come back
+        unchanged.
 
-        Part of the ``BatchStage`` contract, for callers that want exactly one
-        batch back; the pipeline uses :meth:`run`, which also fans out batches
-        with several types. Raises ValueError for such a batch: use
-        :func:`decode_records`.
+        For callers that want exactly one batch back (e.g. a wrapping stage); the
+        pipeline uses :meth:`run`, which also fans out batches with several types.
+        Raises ValueError for such a batch: use :func:`decode_records`.
         """
         if not isinstance(batch.payload, RawRecords):
             return batch

@@ -2,16 +2,18 @@
 
 Each is a :class:`~stages.reader.RingBufferReader` whose ``program`` defaults to
 one of ours, so ``--source exec`` (or ``[source] use = "exec"``) is all it takes.
-The graph builder puts the decoder after each of them.
+The graph builder puts the decoder after each of them. The default program names
+come from the programs' declarations in ``bpf/programs.py``.
 """
 
 from __future__ import annotations
 
+from bpf.programs import ExecProgram, LoadgenProgram, XdpFirewallProgram
 from stages.reader import RingBufferReader, RingBufferReaderConfig
 
 
 class ExecConfig(RingBufferReaderConfig, frozen=True, forbid_unknown_fields=True):
-    program: str = "exec"
+    program: str = ExecProgram.program_name
 
 
 class ExecSource(RingBufferReader):
@@ -21,7 +23,7 @@ class ExecSource(RingBufferReader):
 
 
 class XdpFirewallConfig(RingBufferReaderConfig, frozen=True, forbid_unknown_fields=True):
-    program: str = "xdp_firewall"
+    program: str = XdpFirewallProgram.program_name
 
 
 class XdpFirewallSource(RingBufferReader):
@@ -31,7 +33,7 @@ class XdpFirewallSource(RingBufferReader):
 
 
 class LoadgenConfig(RingBufferReaderConfig, frozen=True, forbid_unknown_fields=True):
-    program: str = "loadgen"
+    program: str = LoadgenProgram.program_name
 
 
 class LoadgenSource(RingBufferReader):

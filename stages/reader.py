@@ -3,167 +3,74 @@
 It loads the program, maps its ring buffer (:class:`bpf.ringbuf.RingBuffer`),
 sleeps in ``trio.lowlevel.wait_readable`` on the map fd and, on every wake-up,
 copies every committed record out with one slice. Nothing is decoded here: each
-batch's ``events`` has one row per record (``offset``, ``length``, ``type``; see
-:data:`RECORD_DTYPE`), its ``weights`` are the records' sampling rates, and its
-``payload`` is a :class:`RawRecords` (the copied bytes plus the program's
-:class:`EventSchema`), so :class:`stages.decoder.Decoder` needs no config of its
-own. A stage between the two may filter rows (e.g. by ``type``) for free.
+batch is a :func:`stages.raw_records.raw_batch` (one row per record, the copied
+bytes and the program's schema as payload), so :class:`stages.decoder.Decoder`
+needs no config of its own. A stage between the two may filter rows (e.g. by
+``type``) for free.
 
-Accounting (see ``pipeline.accounting``)
-----------------------------------------
-The kernel counts, per CPU, every event the program produced and its fate:
-``events == sampled_out + lost_reserve + emitted``. The reader reports
-``ctx.produced`` from the ``events`` counter, and gives sampled-out and
-lost-reserve events their outcome (unadmitted: they never reached user space).
-Every emitted record is then read and sent on, or skipped and recorded as
-``DRAINED``. The pure :class:`RingAccountant` does the arithmetic:
+Accounting
+----------
+The arithmetic is :class:`pipeline.ring_accounting.RingAccountant`'s (its module
+docstring states the rules); this shell feeds it. It reads the kernel counters
+after consuming the ring, every ``stats_interval_s``. At shutdown
+(``Pipeline.stop()`` cancels the source) it detaches the program first, so
+nothing new arrives; reads the rest of the ring and sends it on (shielded), or
+records it as ``DRAINED`` if it cannot be sent before ``shutdown_timeout_s``;
+and reads the final counters once every in-flight BPF invocation has finished.
+Then the source's ledger balances exactly::
 
-* Counters are read *after* consuming the ring. Programs count ``emitted``
-  *before* submitting a record, so the counters never lag what was read.
-* Counters are read every ``stats_interval_s``, not per batch (a read is a
-  syscall per counter). Records read since the last read are credited as
-  produced before they are sent (``produced = max(events, consumed +
-  sampled_out + lost_reserve)`` over the last counters), so ``produced`` never
-  lags what was sent, never exceeds the true count, and the next read absorbs
-  the credit.
-* At shutdown (``Pipeline.stop()`` cancels the source) the program is detached
-  first, so nothing new arrives; the rest of the ring is read and sent on
-  (shielded), or recorded as ``DRAINED`` if it cannot be sent before
-  ``shutdown_timeout_s``; the final counters are read once every in-flight
-  BPF invocation has finished. Then the source's ledger balances exactly::
-
-      produced == sent + kernel_sampled_out + lost_on_reserve + drained
+    produced == sent + kernel_sampled_out + lost_on_reserve + drained
 
 Weights: a record stands for ``rate`` events (its header's sampling rate), so
 sampled-out events carry weight 0 (the kept ones stand for them), and lost or
 drained events the rate last seen in the ring.
+
+Overflow: with ``overflow = "drain_oldest"``, while a send is blocked the reader
+asks :class:`pipeline.drain.DrainPolicy` every ``drain_check_s`` whether to skip
+the oldest records, skips them and warns once per overload episode.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 import trio
 
+import pipeline
 from bpf.ringbuf import RingBuffer, RingRead, SkipResult
-from pipeline import Batch, BatchSender, Outcome, Source, StageContext
+from pipeline import (
+    Batch,
+    BatchSender,
+    Outcome,
+    SamplingGate,
+    Source,
+    StageContext,
+    TrimmableMaps,
+)
+from pipeline.drain import DrainPolicy
+from pipeline.ring_accounting import KernelCounters, LedgerStep, RingAccountant
+
+from .raw_records import EventSchema, EventTypes, raw_batch
 
 __all__ = [
-    "RECORD_DTYPE",
-    "UNKNOWN_TYPE",
-    "EventSchema",
-    "KernelCounters",
-    "LedgerStep",
-    "RawRecords",
     "ReadableRing",
-    "RingAccountant",
     "RingBufferReader",
     "RingBufferReaderConfig",
     "RingBufferReaderStatistics",
     "RingProgram",
-    "raw_batch",
 ]
-
-RECORD_DTYPE = np.dtype([("offset", "<u4"), ("length", "<u4"), ("type", "<u2")])
-"""One row per ring-buffer record in a reader batch: where its payload starts in
-the batch's raw bytes, its length, and the event type id from its header."""
-
-UNKNOWN_TYPE = 0xFFFF
-"""The ``type`` given to records too short to hold an event header."""
-
-
-# -- the contract between reader and decoder ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class EventSchema:
-    """A program's event types: type id → numpy dtype (each starting with the
-    common header), type id → name, and the header's dtype. Derived by the
-    loader from clang's layout of the C structs: the one schema source."""
-
-    types: Mapping[int, np.dtype[Any]]
-    names: Mapping[int, str]
-    header: np.dtype[Any]
-    type_offset: int = field(init=False)
-    rate_offset: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        fields: Mapping[str, Any] = self.header.fields or {}
-        for name, size, align in (("type", 2, 2), ("rate", 4, 4)):
-            if name not in fields:
-                raise ValueError(f"event header dtype has no {name!r} field: {self.header}")
-            dtype, offset = fields[name][0], fields[name][1]
-            if dtype.kind != "u" or dtype.itemsize != size or offset % align:
-                raise ValueError(
-                    f"event header field {name!r} must be an aligned u{8 * size}, got {dtype} at {offset}"
-                )
-        object.__setattr__(self, "type_offset", fields["type"][1])
-        object.__setattr__(self, "rate_offset", fields["rate"][1])
-        for type_id, dtype in self.types.items():
-            if dtype.itemsize < self.header.itemsize:
-                raise ValueError(
-                    f"event type {type_id} ({dtype.itemsize} bytes) is smaller than the "
-                    f"{self.header.itemsize}-byte header"
-                )
-
-    @classmethod
-    def from_program(cls, program: RingProgram) -> EventSchema:
-        return cls(dict(program.event_types), dict(program.event_names), program.header_dtype)
-
-    def name(self, type_id: int) -> str:
-        return self.names.get(type_id, f"type{type_id}")
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class RawRecords:
-    """A reader batch's payload: the bytes copied out of the ring and their schema."""
-
-    raw: npt.NDArray[np.uint8]
-    schema: EventSchema
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.nbytes)
-
-
-def raw_batch(read: RingRead, schema: EventSchema, *, source: str = "", seq: int = 0) -> Batch:
-    """The batch a reader sends for one ring read: rows of :data:`RECORD_DTYPE`,
-    weights from each header's ``rate`` (at least 1), the bytes as payload."""
-    raw = read.raw
-    offsets = read.offsets
-    lengths = read.lengths
-    rows = np.empty(len(offsets), dtype=RECORD_DTYPE)
-    rows["offset"] = offsets
-    rows["length"] = lengths
-    if len(offsets):
-        words16 = raw.view(np.uint16)
-        words32 = raw.view(np.uint32)
-        types = words16[np.minimum((offsets + schema.type_offset) >> 1, len(words16) - 1)]
-        rates = words32[np.minimum((offsets + schema.rate_offset) >> 2, len(words32) - 1)]
-        short = lengths < schema.header.itemsize
-        if short.any():
-            types[short] = UNKNOWN_TYPE
-            rates[short] = 1
-        rows["type"] = types
-        weights = np.maximum(rates, 1).astype(np.float64)
-    else:
-        weights = np.zeros(0, dtype=np.float64)
-    return Batch(rows, weights, source=source, seq=seq, payload=RawRecords(raw, schema))
-
 
 # -- what the reader needs from the loader and the ring -----------------------------------
 
 
-class RingProgram(Protocol):
-    """What the reader uses of ``bpf.loader.LoadedProgram``. An optional
-    ``detach()`` (stop the program, keep its maps) makes shutdown exact even if
-    ``kernel_stats()`` stops working after ``close()``."""
+class RingProgram(EventTypes, Protocol):
+    """What the reader uses of ``bpf.loader.LoadedProgram``: its event types (for the
+    schema), its ring and its counters. An optional ``detach()`` (stop the program,
+    keep its maps) makes shutdown exact even if ``kernel_stats()`` stops working
+    after ``close()``."""
 
     @property
     def name(self) -> str: ...
@@ -171,12 +78,6 @@ class RingProgram(Protocol):
     def ring_map_fd(self) -> int: ...
     @property
     def ring_size_bytes(self) -> int: ...
-    @property
-    def event_types(self) -> Mapping[int, np.dtype[Any]]: ...
-    @property
-    def event_names(self) -> Mapping[int, str]: ...
-    @property
-    def header_dtype(self) -> np.dtype[Any]: ...
     def kernel_stats(self) -> Mapping[str, int]: ...
     def close(self) -> None: ...
 
@@ -191,115 +92,6 @@ class ReadableRing(Protocol):
     def usage(self) -> float: ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...
-
-
-# -- the pure accounting core ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class KernelCounters:
-    """Cumulative kernel-side counters (sums over CPUs) of one program."""
-
-    events: int = 0
-    sampled_out: int = 0
-    lost_reserve: int = 0
-    emitted: int = 0
-
-    @classmethod
-    def from_stats(cls, stats: Mapping[str, int]) -> KernelCounters:
-        missing = [k for k in ("events", "sampled_out", "lost_reserve", "emitted") if k not in stats]
-        if missing:
-            raise ValueError(f"kernel_stats() lacks {', '.join(missing)} (got {sorted(stats)})")
-        return cls(
-            int(stats["events"]),
-            int(stats["sampled_out"]),
-            int(stats["lost_reserve"]),
-            int(stats["emitted"]),
-        )
-
-    @property
-    def in_flight(self) -> int:
-        """Events counted but not yet given a kernel-side fate (a program mid-run)."""
-        return self.events - self.sampled_out - self.lost_reserve - self.emitted
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerStep:
-    """Increments for the ledger: produced events, and unadmitted outcomes."""
-
-    produced: int = 0
-    sampled_out: int = 0
-    lost_reserve: int = 0
-
-
-class RingAccountant:
-    """Turns cumulative kernel counters and the records taken from the ring into
-    ledger increments. Pure: no trio, no kernel. See the module docstring."""
-
-    def __init__(self) -> None:
-        self.kernel = KernelCounters()
-        self.consumed = 0
-        """Records taken from the ring (read or skipped)."""
-        self.produced = 0
-        self.sampled_out = 0
-        self.lost_reserve = 0
-        self.abandoned = 0
-        """Produced events given up on at shutdown (never became readable)."""
-
-    def took(self, records: int) -> int:
-        """``records`` more were taken from the ring; returns the produced increment to
-        report before sending them."""
-        if records < 0:
-            raise ValueError(f"records must be >= 0, got {records}")
-        self.consumed += records
-        return self._advance()
-
-    def observe(self, counters: KernelCounters) -> LedgerStep:
-        """New cumulative counters (read after consuming the ring)."""
-        old = self.kernel
-        if (
-            counters.events < old.events
-            or counters.sampled_out < old.sampled_out
-            or counters.lost_reserve < old.lost_reserve
-            or counters.emitted < old.emitted
-        ):
-            raise ValueError(f"kernel counters went backwards: {old} -> {counters}")
-        self.kernel = counters
-        produced = self._advance()
-        sampled = counters.sampled_out - self.sampled_out
-        lost = counters.lost_reserve - self.lost_reserve
-        self.sampled_out = counters.sampled_out
-        self.lost_reserve = counters.lost_reserve
-        return LedgerStep(produced, sampled, lost)
-
-    def _advance(self) -> int:
-        # Events the counters show, or - if more records were taken since - those records
-        # plus the events the counters gave a kernel-side fate: never more than the true
-        # count (each term is), never less than what has an outcome or was sent.
-        kernel = self.kernel
-        target = max(kernel.events, self.consumed + kernel.sampled_out + kernel.lost_reserve)
-        if target <= self.produced:
-            return 0
-        delta = target - self.produced
-        self.produced = target
-        return delta
-
-    @property
-    def unresolved(self) -> int:
-        """Produced events this source has not yet given an outcome or sent on: in
-        the ring, or counted by a program that has not finished with them."""
-        return self.produced - self.sampled_out - self.lost_reserve - self.consumed - self.abandoned
-
-    @property
-    def readable_backlog(self) -> int:
-        """Records the kernel says it emitted that have not been taken from the ring."""
-        return self.kernel.emitted - self.consumed
-
-    def abandon(self) -> int:
-        """Give up on every unresolved event (shutdown deadline); returns how many."""
-        residual = max(0, self.unresolved)
-        self.abandoned += residual
-        return residual
 
 
 # -- the stage ---------------------------------------------------------------------------
@@ -387,18 +179,35 @@ class RingBufferReader(Source):
         self._records_discarded = 0
         self._wakeups = 0
         self._idle_timeouts = 0
+        self._drain_policy = DrainPolicy(config.drain_high_watermark, config.drain_low_watermark)
         self._draining = False
 
     # -- hooks (tests override these with simulated ones) -----------------------------
+    @classmethod
+    def resolve_config(
+        cls, config: RingBufferReaderConfig, settings: pipeline.Config
+    ) -> RingBufferReaderConfig:
+        """Sizes default to the top-level ``ring_buffer_size``/``bpf_map_size``; the program
+        name and its options are checked here, without compiling anything."""
+        from bpf.loader import validate_options, validate_program_name
+
+        validate_program_name(config.program)
+        validate_options(config.program, config.options)
+        return msgspec.structs.replace(
+            config,
+            ring_buffer_size=config.ring_buffer_size or settings.ring_buffer_size,
+            map_size=config.map_size or settings.bpf_map_size,
+        )
+
     def load_program(self) -> RingProgram:
         """Compile, load and attach the configured program (runs in a worker thread)."""
-        loader = importlib.import_module("bpf.loader")
+        from bpf.loader import load_program
+
         cfg = self.config
-        settings = self.ctx.settings
-        program: RingProgram = loader.load_program(
+        program: RingProgram = load_program(
             cfg.program,
-            ring_buffer_size=cfg.ring_buffer_size or settings.ring_buffer_size,
-            map_size=cfg.map_size or settings.bpf_map_size,
+            ring_buffer_size=cfg.ring_buffer_size or self.ctx.settings.ring_buffer_size,
+            map_size=cfg.map_size or self.ctx.settings.bpf_map_size,
             options=dict(cfg.options),
         )
         return program
@@ -460,9 +269,8 @@ class RingBufferReader(Source):
             raise
         self.program = program
         self._ring_size_bytes = self._ring.size_bytes
-        self.ctx.publish("bpf_program", program)
-        if callable(getattr(program, "set_sample_rate", None)):
-            self.ctx.publish("sampling_gate", program)
+        if isinstance(program, SamplingGate | TrimmableMaps):
+            self.ctx.publish(program)  # its gate to the sampler, its maps to the enforcer
         self.ctx.log.info(
             "reading ring buffer of BPF program %r (%d bytes)",
             program.name,
@@ -540,27 +348,19 @@ class RingBufferReader(Source):
         self._unsent = None
 
     def _drain_if_needed(self) -> int:
-        """Downstream is blocked: drain the oldest records when the ring is nearly
-        full (down to the low watermark) or under memory pressure (all of them)."""
+        """Downstream is blocked: drain what the policy says (oldest records first)."""
         ring = self._ring
         assert ring is not None
         usage = ring.usage()
         self._observe_usage(usage)
-        cfg = self.config
-        if self.ctx.pressure.memory:
-            target, reason = 0.0, "memory pressure"
-        elif usage >= cfg.drain_high_watermark:
-            target, reason = cfg.drain_low_watermark, "ring full"
-        else:
+        drain = self._drain_policy.decide(usage, ring.size_bytes, memory_pressure=self.ctx.pressure.memory)
+        if drain is None:
             return 0
-        excess = int((usage - target) * ring.size_bytes)
-        if excess <= 0:
-            return 0
-        drained = self.drain_oldest(min_bytes=excess, reason=reason)
+        drained = self.drain_oldest(min_bytes=drain.min_bytes, reason=drain.reason)
         if drained and not self._draining:
             self.ctx.log.warning(
                 "downstream blocked: draining oldest ring-buffer records",
-                extra={"stage": self.ctx.name, "reason": reason, "ring_usage": round(usage, 3)},
+                extra={"stage": self.ctx.name, "reason": drain.reason, "ring_usage": round(usage, 3)},
             )
         self._draining = drained > 0
         return drained

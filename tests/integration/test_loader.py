@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import platform
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from bpf.loader import (
     MAX_MAP_SIZE,
     MIN_MAP_SIZE,
     BpfLoadError,
+    ExecProgram,
     LoadgenProgram,
     available_programs,
     clamp_map_size,
@@ -80,8 +82,11 @@ def test_packaged_programs() -> None:
 
 
 def test_unknown_program_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"no BPF program 'nope' .*available: exec, loadgen, xdp_firewall"):
+    with pytest.raises(
+        ConfigError, match=r"no BPF program 'nope' .*available: exec, loadgen, xdp_firewall"
+    ) as info:
         load_program("nope", ring_buffer_size=4096, map_size=1024)
+    assert info.value.path == "program"
 
 
 # -- against the kernel ---------------------------------------------------------------
@@ -171,13 +176,14 @@ def test_compile_error_names_file_line_and_clang_words(tmp_path: Path) -> None:
 
 @pytest.mark.bpf
 def test_xdp_program_without_interface_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"bpf.options.interface: .*name the interface"):
+    # Paths are relative to the source's config table (the graph builder prefixes its own).
+    with pytest.raises(ConfigError, match=r"^options\.interface: .*name the interface"):
         load_program("xdp_firewall", ring_buffer_size=4096, map_size=1024)
-    with pytest.raises(ConfigError, match=r"bpf.options.mode: must be one of skb, driver"):
+    with pytest.raises(ConfigError, match=r"^options\.mode: must be one of skb, driver"):
         load_program(
             "xdp_firewall", ring_buffer_size=4096, map_size=1024, options={"interface": "lo", "mode": "hw"}
         )
-    with pytest.raises(ConfigError, match=r"bpf.options.interface: program 'loadgen' has no such option"):
+    with pytest.raises(ConfigError, match=r"^options\.interface: program 'loadgen' has no such option"):
         load_program("loadgen", ring_buffer_size=4096, map_size=1024, options={"interface": "lo"})
 
 
@@ -249,3 +255,28 @@ def test_detach_stops_events_and_keeps_maps_readable() -> None:
         assert prog_exists(attachment.prog_id)  # loaded, just not attached
     assert records == [32, 32, 32]
     assert program.closed
+
+
+@pytest.mark.bpf
+def test_growing_maps_are_counted_and_evicted_oldest_first() -> None:
+    with load_program("exec", ring_buffer_size=None, map_size=None) as program:
+        assert isinstance(program, ExecProgram)
+        assert list(program.growing_maps()) == ["exec_procs"]
+        sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+        try:
+            table = program.bpf[b"exec_procs"]
+            assert {sleeper.pid for sleeper in sleepers} <= {int(key.value) for key in table}
+            assert program.growing_maps()["exec_procs"] >= 3
+            # Oldest by struct exec_proc.start_ns (exec.h). Other processes may fork or exit
+            # meanwhile, so compare with a snapshot: of its entries, only the newest may remain.
+            snapshot = sorted(table.items(), key=lambda item: int(item[1].start_ns))
+            assert program.evict_oldest("exec_procs", keep=1) >= 2
+            remaining = {int(key.value) for key in table}
+            assert remaining & {int(key.value) for key, _ in snapshot} <= {int(snapshot[-1][0].value)}
+            assert program.evict_oldest("exec_procs", keep=len(table) + 10) == 0
+            with pytest.raises(KeyError, match="not a growing map of program 'exec'"):
+                program.evict_oldest("bpfpipe_stats", keep=0)
+        finally:
+            for sleeper in sleepers:
+                sleeper.kill()
+                sleeper.wait()

@@ -57,7 +57,7 @@ def build(overflow: str) -> Pipeline:
 async def drive(pipe: Pipeline, seconds: float) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
-        (program,) = pipe.services["bpf_program"]
+        (program,) = list(pipe.services.programs())
         producer = subprocess.Popen(
             [sys.executable, "-c", PRODUCER, str(seconds)], stdin=subprocess.PIPE, text=True
         )

@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from _ring_doubles import reader_for
 
 from bpf.ringbuf import RingBuffer
 from pipeline import NodeSpec, Outcome, Pipeline
 from pipeline.testing import TestingSink
 from stages.decoder import Decoder, decode_records
-from stages.reader import EventSchema, RingBufferReader, RingBufferReaderConfig, raw_batch
+from stages.raw_records import EventSchema, raw_batch
+from stages.reader import RingBufferReader, RingBufferReaderConfig
 
 pytestmark = pytest.mark.bpf
 
@@ -203,14 +205,6 @@ async def test_wait_readable_wakes_when_the_kernel_commits(seqgen):
         assert trio.current_time() - start >= 0.2  # it slept: the ring was empty
         assert ring.read_batch().records == 1
         trio.lowlevel.notify_closing(ring.fileno())
-
-
-def reader_for(make_program: Callable[[], SeqGenProgram]) -> type[RingBufferReader]:
-    class SeqGenReader(RingBufferReader):
-        def load_program(self) -> Any:
-            return make_program()
-
-    return SeqGenReader
 
 
 async def run_rounds(pipe: Pipeline, rounds: int, calls: int, delivered_after: Callable[[int], int]) -> None:

@@ -66,7 +66,7 @@ from stages.synthetic import SYNTHETIC_DTYPE, SyntheticConfig, SyntheticSource
 
 BYTES_PER_EVENT = SYNTHETIC_DTYPE.itemsize + 8  # the event plus its float64 weight
 SETTINGS = Config(limits=LimitsConfig(max_memory_mb=0))
-"""The in-flight limits come from each scenario; this process's RSS must play no part."""
+"""The in-flight limits come from each scenario (see ``scenario_settings``)."""
 WATCH_EVERY_S = 0.004
 MAX_BATCHES = 300
 """Keeps each example well under a second of real time."""
@@ -490,13 +490,12 @@ def build(scenario: Scenario, spool_dir: str) -> Pipeline:
         specs.append(NodeSpec("sink", guarded, breaker_config(spec)))
     else:
         specs.append(NodeSpec("sink", RecordingSink, recording))
-    pipe = Pipeline(
-        specs,
-        scenario.capacities,
+    limits = msgspec.structs.replace(
+        SETTINGS.limits,
         max_inflight_events=scenario.max_inflight_events,
         max_inflight_bytes=scenario.max_inflight_bytes,
-        settings=SETTINGS,
     )
+    pipe = Pipeline(specs, scenario.capacities, settings=msgspec.structs.replace(SETTINGS, limits=limits))
     probe_target.append(pipe)
     return pipe
 

@@ -72,7 +72,7 @@ def params(draw: st.DrawFn, *, cap: bool | None = None, min_rate: int | None = N
     return SamplingParams(
         min_sample_rate=min_rate,
         max_sample_rate=max(max_rate, min_rate),
-        period_s=PERIOD,
+        adjust_period_s=PERIOD,
         high_fill=high_fill,
         low_fill=draw(st.floats(min_value=0, max_value=high_fill, exclude_max=True)),
         high_lag_s=high_lag,
@@ -95,7 +95,7 @@ class Sim:
         self.reports: list[RateChange] = []
 
     def run(self, step: Step) -> int:
-        duration = step.periods * self.p.period_s
+        duration = step.periods * self.p.adjust_period_s
         offered = step.input_per_s * duration
         consumed = step.consumed_per_s * duration
         self.policy.observe(
@@ -339,7 +339,7 @@ def test_early_ticks_do_nothing() -> None:
         ({"low_fill": 0.9, "high_fill": 0.5}, "low_fill"),
         ({"decrease_factor": 1.0}, "decrease_factor"),
         ({"increase_step": 0.0}, "increase_step"),
-        ({"period_s": 0.0}, "period_s"),
+        ({"adjust_period_s": 0.0}, "adjust_period_s"),
         ({"cap_hysteresis": 1.0}, "cap_hysteresis"),
         ({"low_lag_s": 2.0, "high_lag_s": 1.0}, "low_lag_s"),
         ({"capacity_growth": 1.0}, "capacity_growth"),
@@ -388,7 +388,7 @@ class Downstream:
     def period(self, sim: Sim) -> int:
         policy = sim.policy
         n = policy.rate
-        dt = sim.p.period_s / self.STEPS
+        dt = sim.p.adjust_period_s / self.STEPS
         for _ in range(self.STEPS):
             want = self.offered_per_s / n * dt
             can_take = self.capacity_per_s * dt
@@ -404,7 +404,7 @@ class Downstream:
                 consumed_events=consumed,
                 consumed_batches=consumed / self.batch,
             )
-        sim.now += sim.p.period_s
+        sim.now += sim.p.adjust_period_s
         change = policy.tick(sim.now)
         if change is not None:
             sim.reports.append(change)
@@ -425,7 +425,7 @@ class Setting:
     """Periods of flow-less pressure before the downstream appears (N starts at 2^this)."""
 
     def downstream(self, p: SamplingParams) -> Downstream:
-        per_period = self.capacity_per_s * p.period_s
+        per_period = self.capacity_per_s * p.adjust_period_s
         return Downstream(
             self.capacity_per_s,
             self.room_periods * per_period,
@@ -521,7 +521,7 @@ def test_finds_more_capacity(s: Setting, faster: float, later: int) -> None:
 def test_finding_twice_the_capacity_takes_at_most_98_s_at_defaults() -> None:
     p = SamplingParams()
     periods = MAX_HOLD_FACTOR * p.capacity_hold_periods + math.ceil(math.log(2) / math.log(1.02))
-    assert periods * p.period_s == 98.0
+    assert periods * p.adjust_period_s == 98.0
 
 
 def test_the_input_rate_counts_what_the_source_lost() -> None:

@@ -10,7 +10,7 @@ from bpf.ringbuf import SimulatedRing
 from pipeline import NodeSpec, Outcome, Pipeline
 from pipeline.testing import TestingSink, TestingSource, TestingSourceConfig, make_batch, run_stages
 from stages.decoder import Decoder, decode_records, event_struct, event_view, event_views
-from stages.reader import RECORD_DTYPE, UNKNOWN_TYPE, EventSchema, RawRecords, raw_batch
+from stages.raw_records import RECORD_DTYPE, UNKNOWN_TYPE, EventSchema, RawRecords, raw_batch
 
 HEADER = np.dtype([("type", "<u2"), ("cpu", "<u2"), ("rate", "<u4"), ("ts_ns", "<u8")])
 EXEC = np.dtype([*HEADER.descr, ("pid", "<u4"), ("ppid", "<u4"), ("comm", "S16"), ("argv", "<u2", (3,))])

@@ -122,9 +122,11 @@ class Rss:
 INTERVAL_S = 0.5
 
 
-def running_pipeline(rss: Rss, *programs: FakeMapProgram) -> Pipeline:
-    """Synthetic events through a pipeline whose limits are 100 MiB and 1000 map entries."""
+def running_pipeline(rss: Rss, *programs: FakeMapProgram) -> tuple[Pipeline, ResourceEnforcer]:
+    """Synthetic events through a pipeline whose limits are 100 MiB and 1000 map entries,
+    with the resource enforcer composed in as ``build_pipeline`` does."""
     limits = LimitsConfig(max_memory_mb=100, max_map_entries=1000, enforce_interval_s=INTERVAL_S)
+    enforcer = ResourceEnforcer(limits, read_rss=rss)
     pipe = Pipeline(
         [
             NodeSpec("source", SyntheticSource, SyntheticConfig(rate_per_s=1000, batch_size=50)),
@@ -132,11 +134,11 @@ def running_pipeline(rss: Rss, *programs: FakeMapProgram) -> Pipeline:
         ],
         [4],
         settings=Config(limits=limits),
+        helpers=[enforcer.run],
     )
-    pipe.enforcer = ResourceEnforcer(pipe, read_rss=rss)
     for program in programs:
-        pipe.contexts[0].publish("bpf_program", program)  # what a reader does when it starts
-    return pipe
+        pipe.contexts[0].publish(program)  # what a reader does when it starts
+    return pipe, enforcer
 
 
 async def next_period() -> None:
@@ -148,7 +150,7 @@ async def test_enforcer_sets_memory_pressure_with_hysteresis_and_trims_maps(
 ) -> None:
     rss = Rss(50 * MiB)
     program = FakeMapProgram("exec", {"exec_procs": 500})
-    pipe = running_pipeline(rss, program)
+    pipe, enforcer = running_pipeline(rss, program)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
         await trio.sleep(INTERVAL_S / 2)  # between two checks from here on
@@ -160,7 +162,7 @@ async def test_enforcer_sets_memory_pressure_with_hysteresis_and_trims_maps(
         await next_period()
         assert pipe.pressure.memory and pipe.pressure.rss_bytes == 150 * MiB
         assert program.evictions == [("exec_procs", 900)] and program.maps["exec_procs"] == 900
-        assert pipe.enforcer.evicted_entries == 1600
+        assert enforcer.evicted_entries == 1600
 
         rss.value = 95 * MiB  # under the limit, above 90 %: still under pressure
         await next_period()
@@ -171,7 +173,7 @@ async def test_enforcer_sets_memory_pressure_with_hysteresis_and_trims_maps(
         assert not pipe.pressure.memory
         assert program.evictions == [("exec_procs", 900)]  # under the limit since: left alone
         pipe.stop()
-    assert pipe.enforcer.counts == {"memory_pressure_on": 1, "memory_pressure_off": 1, "EvictMap": 1}
+    assert enforcer.counts == {"memory_pressure_on": 1, "memory_pressure_off": 1, "EvictMap": 1}
     assert pipe.ledger.snapshot().pending == 0
 
 
@@ -179,14 +181,14 @@ async def test_closed_programs_are_left_alone(autojump_clock: trio.testing.MockC
     gone = FakeMapProgram("gone", {"m": 5000})
     gone.closed = True  # its reader has shut down
     live = FakeMapProgram("live", {"m": 10})
-    pipe = running_pipeline(Rss(0), gone, live)
+    pipe, enforcer = running_pipeline(Rss(0), gone, live)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
         await trio.sleep(3.5 * INTERVAL_S)
         pipe.stop()
     assert gone.reads == 0 and gone.evictions == []
     assert live.reads == 4  # one check at start, then one per period
-    assert pipe.enforcer.counts == {}
+    assert enforcer.counts == {}
 
 
 async def test_a_failing_check_is_logged_and_the_pipeline_goes_on(
@@ -194,7 +196,7 @@ async def test_a_failing_check_is_logged_and_the_pipeline_goes_on(
 ) -> None:
     rss = Rss(150 * MiB)
     rss.error = OSError("/proc is not mounted")
-    pipe = running_pipeline(rss)
+    pipe, _ = running_pipeline(rss)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
         await trio.sleep(2.5 * INTERVAL_S)
@@ -219,7 +221,7 @@ async def test_a_program_whose_maps_cannot_be_read_does_not_disable_the_other_li
     broken = FakeMapProgram("broken", {"m": 5000})
     broken.fail = OSError("map fd closed")
     healthy = FakeMapProgram("healthy", {"m": 5000})
-    pipe = running_pipeline(Rss(150 * MiB), broken, healthy)
+    pipe, _ = running_pipeline(Rss(150 * MiB), broken, healthy)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
         await trio.sleep(INTERVAL_S / 2)
@@ -240,7 +242,11 @@ class RingOnlyProgram:
 async def test_a_program_without_growing_maps_is_fine(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pipe = running_pipeline(Rss(150 * MiB), RingOnlyProgram())  # type: ignore[arg-type]
+    pipe, _ = running_pipeline(Rss(150 * MiB))
+    # Typed wiring: a program with nothing to trim is no TrimmableMaps, and publishing
+    # something that implements no service protocol fails at once (the reader checks first).
+    with pytest.raises(TypeError, match="implements no service protocol"):
+        pipe.contexts[0].publish(RingOnlyProgram())
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
         await trio.sleep(INTERVAL_S / 2)
@@ -259,7 +265,7 @@ async def test_a_failing_eviction_does_not_keep_other_maps_from_being_trimmed(
 
     first.evict_oldest = refuse  # type: ignore[method-assign]
     second = FakeMapProgram("b", {"m": 5000})
-    pipe = running_pipeline(Rss(0), first, second)
+    pipe, _ = running_pipeline(Rss(0), first, second)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)
         await trio.sleep(INTERVAL_S / 2)

@@ -1,8 +1,8 @@
 """RingBufferReader accounting, without a kernel.
 
-``FakeProgram`` plays the BPF side with the kernel's rules: it counts every
-event, passes it through a sampling gate, reserves space in a
-:class:`~bpf.ringbuf.SimulatedRing` (counting a lost reservation when full),
+``FakeProgram`` (``tests/_ring_doubles.py``) plays the BPF side with the kernel's
+rules: it counts every event, passes it through a sampling gate, reserves space
+in a :class:`~bpf.ringbuf.SimulatedRing` (counting a lost reservation when full),
 counts ``emitted`` *before* committing, and can be caught mid-run (an event
 counted, its record still BUSY). The reader runs in a real pipeline; every test
 ends with the ledger balancing exactly.
@@ -11,16 +11,14 @@ ends with the ledger balancing exactly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
-import numpy as np
 import pytest
 import trio
+from _ring_doubles import RECORD_BYTES, FakeProgram, reader_for
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bpf.ringbuf import SimulatedRing
 from pipeline import (
     Batch,
     BatchSender,
@@ -32,85 +30,10 @@ from pipeline import (
     Pipeline,
     StageContext,
 )
-from pipeline.testing import TestingSink
+from pipeline.ring_accounting import KernelCounters, LedgerStep, RingAccountant
+from pipeline.testing import TestingSink, wait_until
 from stages.decoder import Decoder
-from stages.reader import (
-    KernelCounters,
-    LedgerStep,
-    RingAccountant,
-    RingBufferReader,
-    RingBufferReaderConfig,
-)
-
-HEADER = np.dtype([("type", "<u2"), ("cpu", "<u2"), ("rate", "<u4"), ("ts_ns", "<u8")])
-EVENT = np.dtype([*HEADER.descr, ("seq", "<u8")])
-RECORD_BYTES = 32  # 24-byte event + 8-byte ring header
-
-
-class FakeProgram:
-    name = "fake"
-    ring_map_fd = -1
-
-    def __init__(self, ring_size: int = 1 << 14) -> None:
-        self.ring = SimulatedRing(ring_size)
-        self.ring_size_bytes = ring_size
-        self.event_types = {1: EVENT}
-        self.event_names = {1: "fake"}
-        self.header_dtype = HEADER
-        self.events = self.sampled_out = self.lost_reserve = self.emitted = 0
-        self.next_seq = 0
-        self.rate = 1
-        self.attached = True
-        self.closed = False
-        self._rng = np.random.default_rng(0)
-
-    # -- the kernel side ----------------------------------------------------------------
-    def begin(self) -> int | None:
-        """One program run up to its reservation: the event is counted, its record BUSY."""
-        assert self.attached, "event after detach"
-        self.events += 1
-        if self.rate > 1 and self._rng.integers(self.rate) != 0:
-            self.sampled_out += 1
-            return None
-        pos = self.ring.reserve(EVENT.itemsize)
-        if pos is None:
-            self.lost_reserve += 1
-            return None
-        event = np.zeros(1, dtype=EVENT)
-        event["type"] = 1
-        event["rate"] = self.rate
-        event["seq"] = self.next_seq
-        self.next_seq += 1
-        self.ring.write(pos, event.tobytes())
-        return pos
-
-    def finish(self, pos: int | None) -> None:
-        if pos is not None:
-            self.emitted += 1  # counted before submit
-            self.ring.commit(pos)
-
-    def fire(self, n: int) -> None:
-        for _ in range(n):
-            self.finish(self.begin())
-
-    # -- the loader's interface ---------------------------------------------------------
-    def kernel_stats(self) -> dict[str, int]:
-        return {
-            "events": self.events,
-            "sampled_out": self.sampled_out,
-            "lost_reserve": self.lost_reserve,
-            "emitted": self.emitted,
-            "processed": self.events,
-            "dropped": 0,
-            "errors": 0,
-        }
-
-    def detach(self) -> None:
-        self.attached = False
-
-    def close(self) -> None:
-        self.attached = False
-        self.closed = True
+from stages.reader import RingBufferReader, RingBufferReaderConfig
 
 
 class UndetachableProgram(FakeProgram):
@@ -124,17 +47,6 @@ class UndetachableProgram(FakeProgram):
         return super().kernel_stats()
 
 
-def reader_class(program: FakeProgram) -> type[RingBufferReader]:
-    class FakeReader(RingBufferReader):
-        def load_program(self) -> Any:
-            return program
-
-        def open_ring(self, program_: Any) -> Any:
-            return program.ring
-
-    return FakeReader
-
-
 def config(**overrides: Any) -> RingBufferReaderConfig:
     base: dict[str, Any] = {"program": "fake", "idle_poll_s": 0.02, "stats_interval_s": 0.02}
     base.update(overrides)
@@ -143,17 +55,11 @@ def config(**overrides: Any) -> RingBufferReaderConfig:
 
 def build(program: FakeProgram, *, sink: type = TestingSink, capacity: int = 4, **cfg: Any) -> Pipeline:
     specs = [
-        NodeSpec("reader", reader_class(program), config(**cfg)),
+        NodeSpec("reader", reader_for(program), config(**cfg)),
         NodeSpec("decoder", Decoder),
         NodeSpec("sink", sink),
     ]
     return Pipeline(specs, [capacity, capacity])
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.002)
 
 
 def delivered(pipe: Pipeline) -> int:
@@ -373,7 +279,7 @@ async def test_batches_respect_max_records_and_usage_is_reported():
 async def test_stop_while_loading_closes_the_loaded_program():
     program = FakeProgram()
 
-    class SlowReader(reader_class(program)):
+    class SlowReader(reader_for(program)):
         def load_program(self) -> Any:
             time.sleep(0.1)  # compiling, in the worker thread
             return program

@@ -1,96 +1,34 @@
 """The reader's overflow policy, without a kernel.
 
-A fake BPF program writes into a :class:`~bpf.ringbuf.SimulatedRing` with the
-kernel's rules (every event counted, a reservation that does not fit counted as
-``lost_reserve``, ``emitted`` counted before commit). Each event's ``seq`` is its
-index among *all* events the program saw, so the delivered ``seq`` values show
-exactly which events were lost: the oldest (``drain_oldest``) or the newest
-(``block``). Downstream is blocked by a sink that waits on a valve, behind
-capacity-1 channels. Every test ends with the ledger balancing exactly.
+A fake BPF program (``tests/_ring_doubles.py``) writes into a
+:class:`~bpf.ringbuf.SimulatedRing` with the kernel's rules (every event counted,
+a reservation that does not fit counted as ``lost_reserve``, ``emitted`` counted
+before commit). Each event's ``seq`` is its index among *all* events the program
+saw, so the delivered ``seq`` values show exactly which events were lost: the
+oldest (``drain_oldest``) or the newest (``block``). Downstream is blocked by a
+sink that waits on a valve, behind capacity-1 channels. Every test ends with the
+ledger balancing exactly. The policy itself (when, how much) is tested on its own
+in ``test_drain_policy.py``; here, the reader acting on it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import numpy as np
 import pytest
 import trio
+from _ring_doubles import RECORD_BYTES, FakeProgram, reader_for
 
-from bpf.ringbuf import SimulatedRing
-from pipeline import Batch, BatchSink, Config, NodeSpec, Outcome, Pipeline, StageContext
-from pipeline.config import LimitsConfig
+from pipeline import Batch, BatchSink, NodeSpec, Outcome, Pipeline, StageContext
+from pipeline.testing import settings, wait_until
 from stages.decoder import Decoder
 from stages.reader import RingBufferReader, RingBufferReaderConfig
 
-HEADER = np.dtype([("type", "<u2"), ("cpu", "<u2"), ("rate", "<u4"), ("ts_ns", "<u8")])
-EVENT = np.dtype([*HEADER.descr, ("seq", "<u8")])
-RECORD_BYTES = 32  # the 24-byte event and the ring's 8-byte header
 RING_BYTES = 1 << 14  # 512 record slots
 BATCH_RECORDS = 10
-
-
-class FakeProgram:
-    name = "fake"
-    ring_map_fd = -1
-
-    def __init__(self) -> None:
-        self.ring = SimulatedRing(RING_BYTES)
-        self.ring_size_bytes = RING_BYTES
-        self.event_types = {1: EVENT}
-        self.event_names = {1: "fake"}
-        self.header_dtype = HEADER
-        self.events = self.lost_reserve = self.emitted = 0
-        self.closed = False
-
-    def fire(self, n: int) -> None:
-        """``n`` program runs, back to back (no checkpoint: the reader cannot run meanwhile)."""
-        for _ in range(n):
-            seq = self.events
-            self.events += 1
-            pos = self.ring.reserve(EVENT.itemsize)
-            if pos is None:
-                self.lost_reserve += 1
-                continue
-            event = np.zeros(1, dtype=EVENT)
-            event["type"] = 1
-            event["rate"] = 1
-            event["seq"] = seq
-            self.ring.write(pos, event.tobytes())
-            self.emitted += 1
-            self.ring.commit(pos)
-
-    def growing_maps(self) -> dict[str, int]:
-        return {}
-
-    def kernel_stats(self) -> dict[str, int]:
-        return {
-            "events": self.events,
-            "sampled_out": 0,
-            "lost_reserve": self.lost_reserve,
-            "emitted": self.emitted,
-        }
-
-    def detach(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def reader_for(program: FakeProgram) -> type[RingBufferReader]:
-    class FakeReader(RingBufferReader):
-        def load_program(self) -> Any:
-            return program
-
-        def open_ring(self, program_: Any) -> Any:
-            return program.ring
-
-    return FakeReader
 
 
 class Valve:
@@ -159,7 +97,7 @@ class Rig:
 
 
 def rig(*, capacity: int = 1, max_inflight_events: int = 0, **overrides: Any) -> Rig:
-    program = FakeProgram()
+    program = FakeProgram(RING_BYTES)
     cfg: dict[str, Any] = {
         "program": "fake",
         "idle_poll_s": 0.02,
@@ -179,15 +117,9 @@ def rig(*, capacity: int = 1, max_inflight_events: int = 0, **overrides: Any) ->
     ]
     # No memory limit: this process's real RSS must not decide when the reader drains
     # (the tests set ``pipe.pressure.memory`` themselves).
-    settings = Config(limits=LimitsConfig(max_memory_mb=0))
-    pipe = Pipeline(specs, [capacity, capacity], max_inflight_events=max_inflight_events, settings=settings)
+    limits = {"max_inflight_events": max_inflight_events, "max_inflight_bytes": 0, "max_memory_mb": 0}
+    pipe = Pipeline(specs, [capacity, capacity], settings=settings(limits=limits))
     return Rig(program, pipe, valve)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.002)
 
 
 HELD_DOWNSTREAM = 5 * BATCH_RECORDS

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline import Config, build_pipeline
-from pipeline._registry import build_specs, resolve
+from pipeline import resolve_stage as resolve
+from pipeline._build import build_specs
 from pipeline.config import decode_config
 from pipeline.errors import StageLoadError
 from pipeline.testing import make_batch, run_stages

@@ -20,7 +20,7 @@ from pipeline import (
     per_event,
 )
 from pipeline.errors import StageStartError
-from pipeline.testing import TestingSink, TestingSource, TestingSourceConfig, make_batch, run_stages
+from pipeline.testing import TestingSink, TestingSource, TestingSourceConfig, make_batch, run_stages, settings
 from stages.noop import NoopStage
 from stages.null_sink import NullSink
 from stages.synthetic import SyntheticConfig, SyntheticSource
@@ -203,7 +203,7 @@ async def test_inflight_budget_bounds_events(autojump_clock: trio.testing.MockCl
         NodeSpec("b", NoopStage),
         NodeSpec("sink", SlowSink),
     ]
-    pipe = Pipeline(specs, [50, 50, 50], max_inflight_events=300)
+    pipe = Pipeline(specs, [50, 50, 50], settings=settings(limits={"max_inflight_events": 300}))
     await pipe.run()
     stats = pipe.statistics()
     assert stats.budget.peak_events <= 300
