@@ -112,3 +112,51 @@ def test_bpf_sources_get_their_decoder_inserted() -> None:
     assert [(s.name, s.factory) for s in specs[:2]] == [("exec", ExecSource), ("exec.decoder", Decoder)]
     assert [s.name for s in specs[2:]] == ["noop", "null"]
     assert len(capacities) == 3
+
+
+# -- configs resolved when the graph is built ----------------------------------------------------
+
+
+def test_stage_defaults_are_resolved_at_build_time() -> None:
+    from pipeline._build import resolved_config
+
+    config = decode_config(
+        {
+            "ring_buffer_size": 1 << 20,
+            "bpf_map_size": 4096,
+            "limits": {"max_events_per_sec": 5000},
+            "source": {"use": "loadgen"},
+            "stages": [{"use": "sampler"}],
+            "sink": {"use": "null"},
+        }
+    )
+    specs, _ = build_specs(config)
+    reader, decoder, sampler, _sink = specs
+    assert (reader.config.ring_buffer_size, reader.config.map_size) == (1 << 20, 4096)
+    assert decoder.name == "loadgen.decoder"
+    assert sampler.config.max_events_per_sec == 5000
+    shown = resolved_config(config, specs)  # what `bpfpipe check` prints
+    assert shown.source.config["ring_buffer_size"] == 1 << 20
+    assert shown.stages[0].config["max_events_per_sec"] == 5000
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            {"use": "xdp_firewall", "config": {"options": {"interface": "lo", "mode": "turbo"}}},
+            r"source\.config\.options\.mode: must be one of skb, driver",
+        ),
+        ({"use": "xdp_firewall"}, r"source\.config\.options\.interface: .*name the interface"),
+        ({"use": "exec", "config": {"options": {"colour": 1}}}, r"source\.config\.options\.colour: "),
+        (
+            {"use": "ringbuf", "config": {"program": "nope"}},
+            r"source\.config\.program: no BPF program 'nope'",
+        ),
+    ],
+)
+def test_program_options_are_checked_at_build_time_with_real_key_paths(
+    source: dict[str, object], message: str
+) -> None:
+    with pytest.raises(StageLoadError, match=message):
+        build_specs(decode_config({"source": source, "sink": {"use": "null"}}))
