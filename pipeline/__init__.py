@@ -36,6 +36,8 @@ from .errors import BpfpipeError as BpfpipeError
 from .errors import ConfigError as ConfigError
 from .errors import SinkClosed as SinkClosed
 from .errors import StageLoadError as StageLoadError
+from .output import LineOutput as LineOutput
+from .output import appendable_problem as appendable_problem
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,7 @@ __all__ = [
     "Helper",
     "InflightBudget",
     "Ledger",
+    "LineOutput",
     "NoConfig",
     "NodeSpec",
     "Outcome",
@@ -67,6 +70,7 @@ __all__ = [
     "StageLoadError",
     "StageStatistics",
     "TrimmableMaps",
+    "appendable_problem",
     "build_pipeline",
     "decode_stage_config",
     "describe",

@@ -9,29 +9,34 @@ Invariants:
 * The file only ever holds whole lines: a batch that does not fit is cut at a line
   boundary; the events past the cut are *overflow*, never partly written.
 * The cap includes what the file already held when it was opened, so a restart
-  does not reset it. The sink never truncates or rotates the file; move it away
-  (and restart) to make room again.
+  does not reset it. The sink never rotates the file nor truncates what it has
+  written (only a write that failed half-way); move it away (and restart) to make
+  room again.
 * Overflow is counted as dropped with reason ``spool full`` — by this sink when it
   runs on its own, by the breaker when it is a fallback (:meth:`SpoolSink.spool`
   returns how many events fit and leaves the accounting to its caller).
+* Lines on disk are exactly the events counted as spooled: a write the disk cannot
+  take whole (ENOSPC, EIO) is truncated back to the last whole line and raises
+  ``SinkClosed`` (on its own, the sink then stops and drops the rest as ``output closed``).
 
-Each line is one event as :meth:`pipeline.Batch.records` gives it (char arrays as
-text, plus ``weight``). That is per-event Python, about a microsecond an event:
-fine for a fallback path, not for a hot exporter. Writes are plain blocking file
-writes to a local disk, as in ``jsonl_sink``.
+Each line is one event as :meth:`pipeline.Batch.records` would give it (char arrays
+as text, plus ``weight``), encoded per column by ``jsonl_sink``'s encoder. Writes go
+through a :class:`pipeline.LineOutput` thread, so a slow disk never blocks the loop.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import IO, Annotated, Any
+from typing import Annotated
 
 import msgspec
 import numpy as np
 import trio
 
-from pipeline import Batch, BatchReceiver, Outcome, Sink, StageContext
+from pipeline import Batch, BatchReceiver, LineOutput, Outcome, Sink, SinkClosed, StageContext
+from pipeline import Config as Settings
+
+from .jsonl_sink import JsonLinesEncoder, output_problem
 
 __all__ = ["SPOOL_FULL", "SpoolConfig", "SpoolSink", "SpoolStatistics"]
 
@@ -63,24 +68,30 @@ class SpoolSink(Sink):
 
     def __init__(self, config: SpoolConfig, ctx: StageContext) -> None:
         super().__init__(config, ctx)
-        self._encoder = msgspec.json.Encoder()
-        self._out: IO[bytes] | None = None
+        self._encoder = JsonLinesEncoder()
+        self._out: LineOutput | None = None
         self.size_bytes = 0
         """Bytes in the file (known once it has been opened)."""
         self.spooled_events = 0
         self.overflow_events = 0
 
+    @classmethod
+    def resolve_config(cls, config: SpoolConfig, settings: Settings) -> SpoolConfig:
+        output_problem(config.path, create_parents=True)
+        return config
+
     async def spool(self, batch: Batch) -> int:
         """Append as many of the batch's events as fit, whole lines only; return how
-        many (a prefix of the batch). Raises ``OSError`` if the file cannot be written."""
+        many (a prefix of the batch). Raises ``SinkClosed`` if the disk is full or
+        failing, ``OSError`` if the file cannot be written otherwise; then none of
+        the batch is in the file."""
         out = self._stream()
         room = self.config.max_bytes - self.size_bytes
         n = len(batch)
         if room <= 0 or n == 0:
             self.overflow_events += n
             return 0
-        records: list[Any] = list(batch.records())
-        blob = self._encoder.encode_lines(records)
+        blob = b"".join(await self._encoder.encode_batch(batch))
         kept = n
         if len(blob) > room:
             # Every b"\n" in JSON-lines output ends a line (strings escape newlines).
@@ -88,10 +99,10 @@ class SpoolSink(Sink):
             kept = int(np.searchsorted(line_ends, room, side="right"))
             blob = blob[: int(line_ends[kept - 1])] if kept else b""
         if blob:
-            out.write(blob)
-            if self.config.flush:
-                out.flush()
-            self.size_bytes += len(blob)
+            try:
+                await out.write([blob])
+            finally:
+                self.size_bytes = out.size_bytes
         self.spooled_events += kept
         self.overflow_events += n - kept
         return kept
@@ -105,6 +116,13 @@ class SpoolSink(Sink):
             async for batch in rx:
                 try:
                     kept = await self.spool(batch)
+                except SinkClosed as exc:
+                    ctx.log.warning("output closed (%s): stopping", exc, extra={"stage": ctx.name})
+                    ctx.drop_batch(batch, reason="output closed")
+                    ctx.request_stop()
+                    async for rest in rx:
+                        ctx.drop_batch(rest, reason="output closed")
+                    break
                 except OSError as exc:
                     ctx.error(exc, "spool()")
                     ctx.drop_batch(batch, reason="error")
@@ -117,8 +135,8 @@ class SpoolSink(Sink):
 
     async def aclose(self) -> None:
         if self._out is not None:
-            self._out.close()
-            self._out = None
+            out, self._out = self._out, None
+            await out.aclose()
 
     def statistics(self) -> SpoolStatistics:
         return SpoolStatistics(
@@ -129,11 +147,8 @@ class SpoolSink(Sink):
             self.overflow_events,
         )
 
-    def _stream(self) -> IO[bytes]:
+    def _stream(self) -> LineOutput:
         if self._out is None:
-            parent = os.path.dirname(self.config.path)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            self._out = open(self.config.path, "ab")  # noqa: SIM115 - closed in aclose()
-            self.size_bytes = os.fstat(self._out.fileno()).st_size
+            self._out = LineOutput.open(self.config.path, create_parents=True)
+            self.size_bytes = self._out.size_bytes
         return self._out

@@ -1,0 +1,345 @@
+"""Output never blocks the loop, never tears a line, and fails early when it cannot be opened.
+
+JsonLinesSink / SpoolSink over ``pipeline.LineOutput``: a stalled reader is
+back-pressure (the loop keeps running, cancellation works), a full disk leaves only
+whole lines (``delivered`` == lines on disk) and stops the pipeline gracefully, and
+an unwritable path is a ``ConfigError`` at build time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+import pipeline.output
+from pipeline import Batch, ConfigError, LineOutput, NodeSpec, Outcome, Pipeline, SinkClosed, load_config
+from pipeline.testing import TestingSource, TestingSourceConfig, make_batch
+from stages.jsonl_sink import JsonLinesConfig, JsonLinesSink
+from stages.spool_sink import SpoolConfig, SpoolSink
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def batches(n_batches: int, size: int) -> list[Batch]:
+    return [
+        make_batch(seq=i, value=100 + np.arange(i * size, (i + 1) * size), comm=np.full(size, b"cat"))
+        for i in range(n_batches)
+    ]
+
+
+async def run_sink(path: Path | str, items: list[Batch], sink_cls: type = JsonLinesSink) -> Pipeline:
+    config = JsonLinesConfig(path=str(path)) if sink_cls is JsonLinesSink else SpoolConfig(path=str(path))
+    pipe = Pipeline(
+        [
+            NodeSpec("source", TestingSource, TestingSourceConfig(tuple(items))),
+            NodeSpec("out", sink_cls, config),
+        ],
+        [4],
+    )
+    await pipe.run()
+    return pipe
+
+
+def outcomes(pipe: Pipeline) -> dict[tuple[str, str], int]:
+    ledger = pipe.statistics().ledger
+    assert ledger.pending == 0
+    out = {("delivered", ""): ledger.total(Outcome.DELIVERED)}
+    out.update({(d["outcome"], d["reason"]): d["count"] for d in ledger.as_dict()["detail"]})  # type: ignore[union-attr]
+    return out
+
+
+def whole_lines(path: Path) -> list[dict[str, object]]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "a torn last line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+# -- a stalled reader is back-pressure, not a frozen loop ------------------------------------
+
+
+@contextlib.contextmanager
+def stalled_fifo(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO whose reader never reads (writes block once the pipe buffer is full)."""
+    path = tmp_path / "stalled.fifo"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    lock = threading.Lock()
+    closed = False
+
+    def close_reader() -> None:  # the stuck writer now gets EPIPE: a regression fails, not hangs
+        nonlocal closed
+        with lock:
+            if not closed:
+                os.close(reader)
+                closed = True
+
+    watchdog = threading.Timer(3.0, close_reader)
+    watchdog.start()
+    try:
+        yield path
+    finally:
+        watchdog.cancel()
+        close_reader()
+
+
+async def test_a_stalled_reader_does_not_freeze_the_loop_and_cancel_works(tmp_path: Path) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.005)
+            ticks += 1
+
+    with stalled_fifo(tmp_path) as fifo:
+        big = [make_batch(value=np.arange(20_000), comm=np.full(20_000, b"x" * 15)) for _ in range(4)]
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            with trio.move_on_after(0.5) as scope:
+                await run_sink(fifo, big)
+            nursery.cancel_scope.cancel()
+        elapsed = time.monotonic() - started
+    assert scope.cancelled_caught, "the writes should have stalled"
+    assert elapsed < 2.0, "cancellation must not wait for the stuck write"
+    assert ticks >= 20, f"the loop only ran {ticks} ticks while the sink was stalled"
+
+
+async def test_a_huge_batch_is_encoded_in_slices_that_let_other_tasks_run() -> None:
+    from stages.jsonl_sink import JsonLinesEncoder
+
+    batch = make_batch(value=np.arange(1000))
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            await trio.sleep(0)
+            turns += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.sleep(0)
+        before = turns
+        blobs = await JsonLinesEncoder().encode_batch(batch, slice_events=100)
+        during = turns - before
+        nursery.cancel_scope.cancel()
+    assert len(blobs) == 10
+    assert during >= 8  # a turn at (nearly) every checkpoint; none without them
+
+
+def test_the_log_handler_drops_and_counts_instead_of_blocking_then_says_so_once() -> None:
+    from pipeline._log import LogfmtFormatter, QueuedStderrHandler
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    output = LineOutput.inherited(write_fd, "pipe", max_queued_bytes=4096)
+    handler = QueuedStderrHandler(output, flush_timeout_s=0.5)
+    handler.setFormatter(LogfmtFormatter())
+    logger = logging.getLogger("bpfpipe.test_output")
+    logger.propagate = False
+    logger.addHandler(handler)
+
+    async def flood() -> float:
+        started = time.monotonic()
+        for i in range(5000):  # ~500 kB: far more than the pipe (64 kB) plus the queue hold
+            logger.warning("line %d %s", i, "y" * 60)
+        return time.monotonic() - started
+
+    try:
+        assert trio.run(flood) < 2.0
+        assert handler.dropped_total > 0
+        for i in range(10_000):  # the pipe is full by now: the next lines are dropped
+            if handler.dropped_lines:
+                break
+            logger.warning("more %d", i)
+        dropped = handler.dropped_lines
+        assert dropped > 0
+        seen = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not output.wait_idle(0.01):
+            with contextlib.suppress(BlockingIOError):
+                seen += os.read(read_fd, 1 << 20)
+        with contextlib.suppress(BlockingIOError):
+            seen += os.read(read_fd, 1 << 20)
+        trio.run(lambda: trio.to_thread.run_sync(logger.warning, "after"))
+        assert output.wait_idle(2.0)
+        seen += os.read(read_fd, 1 << 20)
+        tail = seen.decode().splitlines()[-2:]
+        assert f"dropped {dropped} log lines" in tail[0] and "after" in tail[1]
+        assert handler.dropped_lines == 0 and handler.dropped_total >= dropped
+    finally:
+        logger.removeHandler(handler)
+        output.close_nowait()
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+# -- disk full / output gone: whole lines only, a graceful stop -------------------------------
+
+
+async def test_dev_full_is_output_closed_not_an_error_per_batch() -> None:
+    pipe = await run_sink("/dev/full", batches(5, 10))
+    books = outcomes(pipe)
+    assert books.pop(("delivered", "")) == 0
+    assert books.pop(("stage_dropped", "output closed")) >= 10
+    assert set(books) <= {("stage_dropped", "stopped before send")}  # the source was asked to stop
+    assert pipe.nodes[-1].ctx.stats.errors == 0
+
+
+async def test_a_closed_pipe_is_output_closed(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    out = LineOutput.inherited(write_fd, "pipe")
+    try:
+        with pytest.raises(SinkClosed, match="pipe"):
+            await out.write([b"x\n"])
+    finally:
+        os.close(write_fd)
+
+
+@pytest.fixture
+def short_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """os.write in pipeline.output takes at most ``budget`` more bytes, then fails with ENOSPC."""
+    state = {"budget": 10**9}
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if state["budget"] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real_write(fd, bytes(data[: state["budget"]]))
+        state["budget"] -= n
+        return n
+
+    monkeypatch.setattr(pipeline.output.os, "write", write)
+    return state
+
+
+@pytest.mark.parametrize("sink_cls", [JsonLinesSink, SpoolSink])
+async def test_a_short_write_is_truncated_to_the_last_whole_line(
+    tmp_path: Path, short_writes: dict[str, int], sink_cls: type
+) -> None:
+    path = tmp_path / "out.jsonl"
+    line = len(b'{"value":100,"comm":"cat","weight":1.0}\n')
+    short_writes["budget"] = 2 * 10 * line + line // 2  # two batches, then half a line of the third
+    pipe = await run_sink(path, batches(5, 10), sink_cls)
+    assert [e["value"] for e in whole_lines(path)] == list(range(100, 120))
+    assert outcomes(pipe) == {("delivered", ""): 20, ("stage_dropped", "output closed"): 30}
+
+
+async def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"value":1}\n{"val')
+    await run_sink(path, batches(1, 2))
+    lines = path.read_bytes().splitlines()
+    assert lines[:2] == [b'{"value":1}', b'{"val']
+    assert [json.loads(x)["value"] for x in lines[2:]] == [100, 101]
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str = "64k", options: str = "") -> Iterator[Path]:
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("tmpfs tests need root, and CI must run them", pytrace=False)
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("sink_cls", [JsonLinesSink, SpoolSink])
+async def test_a_full_tmpfs_holds_exactly_the_delivered_lines(tmp_path: Path, sink_cls: type) -> None:
+    with small_tmpfs(tmp_path) as mnt:
+        path = mnt / "out.jsonl"
+        pipe = await run_sink(path, batches(200, 50), sink_cls)  # ~400 kB into 64 kB
+        on_disk = whole_lines(path)
+        books = outcomes(pipe)
+        assert books[("delivered", "")] == len(on_disk) > 0
+        assert books[("stage_dropped", "output closed")] >= 50  # then the source was stopped
+        assert [e["value"] for e in on_disk] == list(range(100, 100 + len(on_disk)))
+        # Room again: a later run appends whole lines after ours.
+        (path.parent / "hole").unlink(missing_ok=True)
+        os.truncate(path, len(b"".join(path.read_bytes().splitlines(keepends=True)[:-5])))
+        again = await run_sink(path, batches(1, 3), sink_cls)
+        assert outcomes(again)[("delivered", "")] == 3
+        assert [e["value"] for e in whole_lines(path)][-3:] == [100, 101, 102]
+
+
+# -- an output that cannot be opened fails at build time ----------------------------------
+
+
+def sink_config(tmp_path: Path, use: str, path: Path) -> Path:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[source]\nuse = "synthetic"\n[sink]\nuse = "{use}"\n[sink.config]\npath = "{path}"\n')
+    return config
+
+
+@pytest.mark.parametrize("use", ["jsonl", "spool"])
+@pytest.mark.parametrize(
+    ("where", "problem"),
+    [("a directory", "is a directory"), ("a file under a file", "not a directory"), ("missing dir", "")],
+)
+def test_an_unwritable_path_is_a_config_error(tmp_path: Path, use: str, where: str, problem: str) -> None:
+    from pipeline import build_pipeline
+
+    target = {
+        "a directory": tmp_path,
+        "a file under a file": tmp_path / "c.toml" / "out.jsonl",
+        "missing dir": tmp_path / "nope" / "out.jsonl",
+    }[where]
+    config = load_config(str(sink_config(tmp_path, use, target)))
+    if where == "missing dir" and use == "spool":  # the spool creates its directories
+        build_pipeline(config)
+        assert not target.parent.exists(), "checking must not create anything"
+        return
+    with pytest.raises(
+        ConfigError, match=r"sink\.config\.path: cannot write: .*" + (problem or "does not exist")
+    ):
+        build_pipeline(config)
+
+
+def test_a_read_only_path_is_a_config_error(tmp_path: Path) -> None:
+    from pipeline import build_pipeline
+
+    if os.geteuid() == 0:
+        with small_tmpfs(tmp_path, "16k", ",ro") as mnt:
+            config = load_config(str(sink_config(tmp_path, "jsonl", mnt / "out.jsonl")))
+            with pytest.raises(ConfigError, match=r"cannot write: directory .* is not writable"):
+                build_pipeline(config)
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    config = load_config(str(sink_config(tmp_path, "jsonl", ro / "out.jsonl")))
+    with pytest.raises(ConfigError, match=r"cannot write: directory .* is not writable"):
+        build_pipeline(config)
+
+
+def test_stdout_needs_no_check() -> None:
+    assert JsonLinesSink.resolve_config(JsonLinesConfig(path="-"), load_config(None)) == JsonLinesConfig()
+
+
+def test_a_line_output_on_a_fresh_file_counts_its_bytes(tmp_path: Path) -> None:
+    async def main() -> LineOutput:
+        out = LineOutput.open(str(tmp_path / "a" / "b.jsonl"), create_parents=True)
+        await out.write([b"1\n", b"22\n"])
+        await out.aclose()
+        return out
+
+    out = trio.run(main)
+    assert out.size_bytes == 5 == (tmp_path / "a" / "b.jsonl").stat().st_size
