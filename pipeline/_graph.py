@@ -10,6 +10,9 @@ Theory of operation
   the stages and reaches the sink — a graceful shutdown loses nothing.
   ``abort()`` cancels everything; whatever is still queued or held is then
   recorded as dropped with reason ``shutdown``, so the ledger still balances.
+  A graceful stop has a deadline, ``shutdown.drain_timeout_s``: past it the
+  pipeline aborts (and says so in ``drain_timed_out``), so a stuck sink cannot
+  hold the process forever.
 * A stage that raises is logged with its name and counted; the runtime then
   keeps draining its input (recording drops, reason ``stage failed``) so
   upstream never blocks on a dead consumer. It never kills the process.
@@ -185,6 +188,9 @@ class Pipeline:
         self.nodes = [_construct(spec, ctx) for spec, ctx in zip(nodes, self.contexts, strict=True)]
         self._source_scope = trio.CancelScope()
         self._nursery_scope: trio.CancelScope | None = None
+        self._stop_requested = trio.Event()
+        self.drain_timed_out = False
+        """The graceful stop missed ``shutdown.drain_timeout_s`` and was turned into an abort."""
         self.finished = trio.Event()
 
     # -- control --------------------------------------------------------------------
@@ -194,8 +200,10 @@ class Pipeline:
         return self._source_scope.cancel_called
 
     def stop(self) -> None:
-        """Graceful: stop the source; everything admitted drains to the sink."""
+        """Graceful: stop the source; everything admitted drains to the sink (within
+        ``shutdown.drain_timeout_s``, else the pipeline aborts)."""
         self._source_scope.cancel()
+        self._stop_requested.set()
 
     def abort(self) -> None:
         """Immediate: cancel every node; leftovers are recorded as dropped (``shutdown``)."""
@@ -216,6 +224,7 @@ class Pipeline:
         """Run until the source ends (or ``stop()``) and everything has drained."""
         try:
             async with trio.open_nursery() as helpers:
+                helpers.start_soon(self._abort_past_drain_deadline)
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery_scope = nursery.cancel_scope
@@ -239,6 +248,14 @@ class Pipeline:
         finally:
             self._sweep()
             self.finished.set()
+
+    async def _abort_past_drain_deadline(self) -> None:
+        await self._stop_requested.wait()
+        timeout = self.settings.shutdown.drain_timeout_s
+        await trio.sleep(timeout)
+        log.warning("drain deadline passed: aborting", extra={"drain_timeout_s": timeout})
+        self.drain_timed_out = True
+        self.abort()
 
     def _wire(self) -> None:
         """Connect published sampling gates to the controllers downstream of them."""

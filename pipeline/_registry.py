@@ -36,10 +36,11 @@ def resolve(use: str, *, stage: str) -> type[Any]:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise StageLoadError(stage, f"cannot import {module_name!r}: {exc}") from None
-        except Exception as exc:
-            raise StageLoadError(
-                stage, f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
-            ) from None
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # A plug-in that calls sys.exit() or raises KeyboardInterrupt at import is a
+            # failing plug-in like any other, not the end of the process.
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise StageLoadError(stage, f"importing {module_name!r} raised {what}") from None
         try:
             obj: Any = module
             for part in attr.split("."):
@@ -55,7 +56,7 @@ def resolve(use: str, *, stage: str) -> type[Any]:
         )
     try:
         return matches[0].load()  # type: ignore[no-any-return]
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
         raise StageLoadError(
             stage, f"entry point {use!r} ({matches[0].value}) failed to load: {type(exc).__name__}: {exc}"
         ) from None

@@ -17,7 +17,7 @@ import json
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,10 +33,13 @@ __all__ = [
     "FeatureFlags",
     "LimitsConfig",
     "NodeConfig",
+    "ShutdownConfig",
     "dump_config",
     "env_overrides",
     "load_config",
     "merge",
+    "merge_sources",
+    "read_toml",
 ]
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -86,6 +89,12 @@ class LimitsConfig(_Section, frozen=True):
     """How often the resource enforcer checks memory and maps."""
 
 
+class ShutdownConfig(_Section, frozen=True):
+    drain_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    """How long a graceful stop may drain; past it the pipeline aborts and what is
+    still in flight is recorded as dropped (reason ``shutdown``)."""
+
+
 class Config(_Section, frozen=True):
     log_level: LogLevel = "info"
     metrics_port: Port = 9090
@@ -99,6 +108,7 @@ class Config(_Section, frozen=True):
     sink: NodeConfig = NodeConfig(use="jsonl")
     channels: ChannelsConfig = ChannelsConfig()
     limits: LimitsConfig = LimitsConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
 
 
 # --- environment ---------------------------------------------------------------------
@@ -123,14 +133,15 @@ def _env_int(name: str, value: str) -> int:
         raise ConfigError(f"{name} (environment)", f"expected int, got {json.dumps(value)}") from None
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The config keys set by ``BPF_LOG_LEVEL``, ``METRICS_PORT`` and ``BPF_DEBUG``."""
+def env_overrides(environ: Mapping[str, str], *, skip: Collection[str] = ()) -> dict[str, Any]:
+    """The config keys set by ``BPF_LOG_LEVEL``, ``METRICS_PORT`` and ``BPF_DEBUG``, except
+    those in ``skip`` (set by flags, which win: a bad value they override is not an error)."""
     out: dict[str, Any] = {}
-    if "BPF_LOG_LEVEL" in environ:
+    if "BPF_LOG_LEVEL" in environ and "log_level" not in skip:
         out["log_level"] = environ["BPF_LOG_LEVEL"].strip().lower()
-    if "METRICS_PORT" in environ:
+    if "METRICS_PORT" in environ and "metrics_port" not in skip:
         out["metrics_port"] = _env_int("METRICS_PORT", environ["METRICS_PORT"])
-    if "BPF_DEBUG" in environ:
+    if "BPF_DEBUG" in environ and "enable_debug" not in skip:
         out["enable_debug"] = _env_bool("BPF_DEBUG", environ["BPF_DEBUG"])
     return out
 
@@ -149,15 +160,57 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""Config files are read up to this size; a larger one is an error, not a slow hang."""
+MAX_CONFIG_DEPTH = 32
+"""Tables and arrays nest at most this deep (no real config comes close)."""
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """The parsed file: UTF-8 (a leading BOM is accepted), at most :data:`MAX_CONFIG_BYTES`,
+    nested at most :data:`MAX_CONFIG_DEPTH` deep. Every failure is a one-line ConfigError."""
+    where = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(str(path), f"cannot read config file: {exc.strerror or exc}") from None
+        raise ConfigError(where, f"cannot read config file: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(where, "config file is larger than 1 MiB, the limit; is it the right file?")
+    if data.startswith(_UTF16_BOMS):
+        raise ConfigError(where, "config file is UTF-16; save it as UTF-8")
     try:
-        return tomllib.loads(text)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problem = f"config file is not valid UTF-8 (byte {exc.start}); save it as UTF-8"
+        raise ConfigError(where, problem) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+        raise ConfigError(where, f"invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(where, f"nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    if (deep := _too_deep(raw, MAX_CONFIG_DEPTH)) is not None:
+        raise ConfigError(_join("", deep), f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+    return raw
+
+
+def _too_deep(value: Any, budget: int, keys: tuple[str | int, ...] = ()) -> list[str | int] | None:
+    """The key path where ``value`` nests deeper than ``budget``, or None."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    if budget <= 0:
+        return list(keys)
+    for key, item in items:
+        if (found := _too_deep(item, budget - 1, (*keys, key))) is not None:
+            return found
+    return None
 
 
 def load_config(
@@ -168,11 +221,23 @@ def load_config(
 ) -> Config:
     """Build the effective config: defaults < file < environment < ``overrides`` (CLI)."""
     raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    return decode_config(merge_sources(raw, environ=environ, overrides=overrides))
+
+
+def merge_sources(
+    raw: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``raw`` (the file's tables) < environment < ``overrides``; an environment
+    variable whose key ``overrides`` sets is not read at all."""
+    out = dict(raw)
     if environ is not None:
-        raw = merge(raw, env_overrides(environ))
+        out = merge(out, env_overrides(environ, skip=set(overrides or ())))
     if overrides:
-        raw = merge(raw, overrides)
-    return decode_config(raw)
+        out = merge(out, overrides)
+    return out
 
 
 def decode_config(raw: Mapping[str, Any]) -> Config:

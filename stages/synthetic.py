@@ -47,7 +47,8 @@ class SyntheticConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Length of one burst cycle; 0 = no bursts."""
     burst_duty: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     """Fraction of each cycle spent at the burst rate."""
-    seed: int = 0
+    seed: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Seed of the generator (numpy's ``default_rng`` takes a non-negative integer)."""
     max_tick_s: Annotated[float, msgspec.Meta(gt=0)] = 0.1
     """Longest wait between batches at low rates (bounds latency)."""
 

@@ -6,30 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from _cli import BPFPIPE, CLEAN_ENV, assert_one_line_error, bpfpipe
 from _privilege import unprivileged
-
-BPFPIPE = [sys.executable, "-m", "pipeline.cli"]
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "BPF_DEBUG"}}
-
-
-def bpfpipe(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BPFPIPE, *args], capture_output=True, text=True, timeout=timeout, env={**CLEAN_ENV, **(env or {})}
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
-    assert proc.returncode == code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines == [f"bpfpipe: error: {text}"], proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 def test_version() -> None:

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, FeatureFlags, decode_config, dump_config, env_overrides, load_config
+from pipeline.config import (
+    MAX_CONFIG_BYTES,
+    Config,
+    FeatureFlags,
+    decode_config,
+    dump_config,
+    env_overrides,
+    load_config,
+)
 from pipeline.errors import ConfigError
 
 
@@ -122,3 +130,50 @@ def test_dump_round_trips_a_full_config() -> None:
     }
     config = decode_config(raw)
     assert decode_config(__import__("tomllib").loads(dump_config(config))) == config
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides"),
+    [
+        ({"BPF_LOG_LEVEL": "loud"}, {"log_level": "info"}),
+        ({"METRICS_PORT": "abc"}, {"metrics_port": 9100}),
+        ({"BPF_DEBUG": "maybe"}, {"enable_debug": True}),
+    ],
+)
+def test_a_flag_wins_over_a_bad_environment_value(env: dict[str, str], overrides: dict[str, object]) -> None:
+    config = load_config(None, environ=env, overrides=overrides)
+    key, value = next(iter(overrides.items()))
+    assert getattr(config, key) == value
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"log_level = '\xc3\x28'\n", "config file is not valid UTF-8 (byte 13); save it as UTF-8"),
+        (b"\xfe\xff\x00l", "config file is UTF-16; save it as UTF-8"),
+        (b"x = " + b"[" * 33 + b"]" * 33, "x[0]" + "[0]" * 30 + ": nested more than 32 levels deep"),
+        (b"#" * (MAX_CONFIG_BYTES + 1), "config file is larger than 1 MiB, the limit; is it the right file?"),
+    ],
+    ids=["invalid-utf8", "utf16-bom", "too-deep", "too-big"],
+)
+def test_hostile_files_are_one_line_config_errors(tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "bpfpipe.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) in (f"{path}: {problem}", problem)
+    assert "\n" not in str(info.value)
+
+
+def test_utf8_bom_and_the_size_limit_itself_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "bpfpipe.toml"
+    text = b"metrics_port = 9100\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text + b"#" * (MAX_CONFIG_BYTES - len(text) - 3))
+    assert load_config(path).metrics_port == 9100
+
+
+def test_shutdown_drain_timeout_default_and_bounds(tmp_path: Path) -> None:
+    assert Config().shutdown.drain_timeout_s == 30.0
+    assert load_config(write(tmp_path, "[shutdown]\ndrain_timeout_s = 0.5")).shutdown.drain_timeout_s == 0.5
+    with pytest.raises(ConfigError, match=r"^shutdown\.drain_timeout_s: expected float > 0.0, got 0$"):
+        load_config(write(tmp_path, "[shutdown]\ndrain_timeout_s = 0"))

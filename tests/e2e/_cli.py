@@ -1,0 +1,61 @@
+"""Running the CLI as a user does, for the e2e tests: one-shot, or spawned to signal it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+BPFPIPE = [sys.executable, "-m", "pipeline.cli"]
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "BPF_DEBUG"}}
+
+
+def bpfpipe(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BPFPIPE, *args], capture_output=True, text=True, timeout=timeout, env={**CLEAN_ENV, **(env or {})}
+    )
+
+
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start the CLI as a terminal would: its own session, SIGINT at its default (a
+    background job of a non-interactive shell would start with SIGINT ignored)."""
+    return subprocess.Popen(
+        [*BPFPIPE, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**CLEAN_ENV, **(env or {})},
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"bpfpipe: error: {text}"], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def assert_accounts_balance(stderr: str) -> dict[str, int]:
+    """The final ``pipeline finished`` line: pending=0 and outcomes summing to produced."""
+    finished = [line for line in stderr.splitlines() if 'msg="pipeline finished"' in line]
+    assert len(finished) == 1, stderr
+    fields = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)(?=\s|$)", finished[0])}
+    assert fields["pending"] == 0, finished[0]
+    outcomes = sum(v for k, v in fields.items() if k.startswith("outcome_"))
+    assert outcomes == fields["produced"], finished[0]
+    return fields
+
+
+def write_module(directory: Path, name: str, source: str) -> Path:
+    """A plug-in module ``name`` in ``directory`` (put it on PYTHONPATH)."""
+    path = directory / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    return path

@@ -1,0 +1,315 @@
+"""Hostile input and signals at any moment (issue 13), the CLI run as a user runs it.
+
+Whatever goes wrong, the user gets at most a line or two on stderr, never a traceback,
+and an exit code a script can rely on: 2 for bad config or usage, 130/143 for a
+SIGINT/SIGTERM before the pipeline started (or a second one that aborted it), 0 for a
+graceful stop, 1 when the drain missed ``shutdown.drain_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from _cli import assert_accounts_balance, assert_one_line_error, bpfpipe, spawn, write_module
+
+# -- hostile config files and flags ---------------------------------------------------
+
+DEEP_ARRAY = "a = " + "[" * 100_000 + "]" * 100_000 + "\n"
+DEEP_TABLE = '[sink]\nuse = "null"\nconfig = ' + "{a = " * 40 + "1" + "}" * 40 + "\n"
+HUGE = "# padding\n" * 200_000  # 2 MB
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'log_level = "\xff"\n', "config file is not valid UTF-8 (byte 13); save it as UTF-8"),
+        ('log_level = "info"\n'.encode("utf-16"), "config file is UTF-16; save it as UTF-8"),
+        (DEEP_ARRAY.encode(), "nested more than 32 levels deep"),
+        (HUGE.encode(), "config file is larger than 1 MiB, the limit; is it the right file?"),
+    ],
+    ids=["invalid-utf8", "utf16", "deep-array", "huge"],
+)
+def test_unreadable_config_file_is_one_line_exit_2(tmp_path: Path, content: bytes, problem: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_bytes(content)
+    assert_one_line_error(bpfpipe("check", str(config)), 2, f"{config}: {problem}")
+
+
+def test_deep_stage_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(DEEP_TABLE)
+    path = "sink.config" + ".a" * 30
+    assert_one_line_error(bpfpipe("check", str(config)), 2, f"{path}: nested more than 32 levels deep")
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xef\xbb\xbfmetrics_port = 9100\n")
+    proc = bpfpipe("check", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics_port = 9100" in proc.stdout
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "-inf"])
+def test_duration_must_be_finite_and_positive(value: str) -> None:
+    proc = bpfpipe("run", "--source", "synthetic", f"--duration={value}", timeout=10)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"bpfpipe: error: argument --duration: expected a finite number of seconds > 0, got '{value}'"
+        " (see 'bpfpipe --help')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "shown"),
+    [
+        ({"BPF_LOG_LEVEL": "loud"}, ["--log-level", "info"], 'log_level = "info"'),
+        ({"METRICS_PORT": "abc"}, ["--metrics-port", "9100"], "metrics_port = 9100"),
+    ],
+)
+def test_flags_override_a_bad_environment(env: dict[str, str], flags: list[str], shown: str) -> None:
+    proc = bpfpipe("check", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert shown in proc.stdout
+
+
+def test_bad_debug_env_overridden_by_debug_flag() -> None:
+    proc = bpfpipe("--debug", "check", env={"BPF_DEBUG": "maybe"})
+    assert proc.returncode == 0, proc.stderr
+    assert "enable_debug = true" in proc.stdout
+
+
+def test_bad_environment_without_a_flag_is_one_line_exit_2() -> None:
+    assert_one_line_error(
+        bpfpipe("check", env={"BPF_LOG_LEVEL": "loud"}),
+        2,
+        'log_level: expected one of "debug", "info", "warning", "error", "critical", got "loud"',
+    )
+
+
+PLUGINS = {
+    "exits": "import sys\nsys.exit(3)\n",
+    "interrupts": "raise KeyboardInterrupt\n",
+    "multiline": """
+        from pipeline import BatchStage
+
+        class Stage(BatchStage):
+            def __init__(self, config, ctx):
+                raise ValueError("first line\\nsecond line\\n  third")
+
+            def process(self, batch):
+                return batch
+    """,
+    "badresolve": """
+        from pipeline import BatchStage
+
+        class Stage(BatchStage):
+            @classmethod
+            def resolve_config(cls, config, settings):
+                raise ValueError("needs a kernel newer than 9.9")
+
+            def process(self, batch):
+                return batch
+    """,
+}
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        ("exits", "stage 'exits:Stage': importing 'exits' raised SystemExit: 3"),
+        ("interrupts", "stage 'interrupts:Stage': importing 'interrupts' raised KeyboardInterrupt"),
+        (
+            "multiline",
+            "stage 'multiline:Stage': constructing it raised ValueError: first line second line third",
+        ),
+        ("badresolve", "stage 'badresolve:Stage': stages[0].config: needs a kernel newer than 9.9"),
+    ],
+)
+def test_failing_plugin_is_named_in_one_line(tmp_path: Path, module: str, message: str) -> None:
+    write_module(tmp_path, module, PLUGINS[module])
+    config = tmp_path / "c.toml"
+    config.write_text(f'[source]\nuse = "synthetic"\n[[stages]]\nuse = "{module}:Stage"\n')
+    proc = bpfpipe("check", str(config), env={"PYTHONPATH": str(tmp_path)})
+    assert_one_line_error(proc, 2, message)
+
+
+# -- signals at any moment ------------------------------------------------------------
+
+SLOW_SINK = """
+    import trio
+    from pipeline import BatchSink
+
+    class Sink(BatchSink):
+        async def write(self, batch):
+            await trio.sleep(0.2)
+"""
+
+
+def _wait_for(predicate: object, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _bcc_loaded(proc: subprocess.Popen[str]) -> bool:
+    """The source's worker thread has imported bcc: the BPF compile is under way."""
+    try:
+        return "libbcc" in Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    _, stderr = proc.communicate(timeout=30)
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    return stderr
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_bpf_compile_is_a_clean_startup_interrupt(signum: int, code: int) -> None:
+    proc = spawn("run", "--source", "exec", "--log-level", "warning")
+    _wait_for(lambda: _bcc_loaded(proc) or proc.poll() is not None, "the BPF compile")
+    proc.send_signal(signum)
+    stderr = _finish(proc)
+    assert proc.returncode == code, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1] == "bpfpipe: interrupted during startup", stderr
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_importing_a_plugin_is_a_clean_startup_interrupt(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    marker = tmp_path / "importing"
+    write_module(
+        tmp_path,
+        "slowimport",
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(20)\n",
+    )
+    config = tmp_path / "c.toml"
+    config.write_text('[source]\nuse = "synthetic"\n[[stages]]\nuse = "slowimport:Stage"\n')
+    proc = spawn("run", "--config", str(config), env={"PYTHONPATH": str(tmp_path)})
+    _wait_for(marker.exists, "the plug-in import")
+    proc.send_signal(signum)
+    stderr = _finish(proc)
+    assert proc.returncode == code, stderr
+    assert stderr.strip().splitlines() == ["bpfpipe: interrupted during startup"]
+
+
+def _running(tmp_path: Path, *, sink: str = "null", drain_timeout_s: float = 30.0) -> subprocess.Popen[str]:
+    write_module(tmp_path, "slowsink", SLOW_SINK)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[source]\nuse = "synthetic"\nconfig = { rate_per_s = 20000, batch_size = 100 }\n'
+        f'[sink]\nuse = "{sink}"\n[shutdown]\ndrain_timeout_s = {drain_timeout_s}\n'
+    )
+    proc = spawn("run", "--config", str(config), env={"PYTHONPATH": str(tmp_path)})
+    assert proc.stderr is not None
+    started = proc.stderr.readline()
+    assert 'msg="pipeline started"' in started, started
+    time.sleep(0.5)
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_running_stops_gracefully_exit_0(tmp_path: Path, signum: int) -> None:
+    proc = _running(tmp_path)
+    proc.send_signal(signum)
+    stderr = _finish(proc)
+    assert proc.returncode == 0, stderr
+    fields = assert_accounts_balance(stderr)
+    assert "outcome_stage_dropped" not in fields or "shutdown" not in stderr
+
+
+def test_sighup_is_logged_and_ignored(tmp_path: Path) -> None:
+    proc = _running(tmp_path)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    assert proc.poll() is None, "SIGHUP killed the agent"
+    proc.send_signal(signal.SIGTERM)
+    stderr = _finish(proc)
+    assert proc.returncode == 0, stderr
+    assert stderr.count("SIGHUP: live reload is not implemented yet; carrying on") == 1, stderr
+    assert_accounts_balance(stderr)
+
+
+def test_second_signal_aborts_exit_130(tmp_path: Path) -> None:
+    proc = _running(tmp_path, sink="slowsink:Sink")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stderr = _finish(proc)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "bpfpipe: aborted by a second signal"
+    assert "outcome_stage_dropped" in stderr
+    assert_accounts_balance(stderr)
+
+
+def test_drain_past_its_deadline_aborts_exit_1(tmp_path: Path) -> None:
+    proc = _running(tmp_path, sink="slowsink:Sink", drain_timeout_s=0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stderr = _finish(proc)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "bpfpipe: error: draining did not finish within shutdown.drain_timeout_s = 0.5 s;"
+        " aborted (what was in flight is recorded as dropped, reason 'shutdown')"
+    )
+    assert "drain deadline passed: aborting" in stderr
+    assert_accounts_balance(stderr)
+
+
+# -- `check` checks what `run` checks -------------------------------------------------
+
+SAME_ERRORS = [
+    (
+        '[source]\nuse = "xdp_firewall"\nconfig = { options = { interface = "lo", mode = "turbo" } }\n',
+        "stage 'xdp_firewall': source.config.options.mode: must be one of skb, driver, got 'turbo'",
+    ),
+    (
+        '[source]\nuse = "ringbuf"\nconfig = { program = "nosuch" }\n',
+        "stage 'ringbuf': source.config.program: no BPF program 'nosuch' in ",
+    ),
+    (
+        '[source]\nuse = "synthetic"\n[[stages]]\nuse = "breaker"\n'
+        'config = { primary = "noop", primary_config = { bogus = 1 } }\n',
+        "stage 'breaker': config.primary_config.bogus: unknown key",
+    ),
+    (
+        '[source]\nuse = "synthetic"\nconfig = { seed = -1 }\n',
+        "stage 'synthetic': source.config.seed: expected int >= 0, got -1",
+    ),
+    (
+        '[source]\nuse = "synthetic"\n[[stages]]\nuse = "multiline:Stage"\n',
+        "stage 'multiline:Stage': constructing it raised ValueError: first line second line third",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), SAME_ERRORS, ids=["xdp-mode", "ringbuf", "breaker", "seed", "ctor"]
+)
+def test_check_and_run_fail_alike_and_run_fails_fast(tmp_path: Path, text: str, message: str) -> None:
+    write_module(tmp_path, "multiline", PLUGINS["multiline"])
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    env = {"PYTHONPATH": str(tmp_path)}
+    check = bpfpipe("check", str(config), env=env)
+    started = time.monotonic()
+    run = bpfpipe("run", "--config", str(config), env=env, timeout=30)
+    assert time.monotonic() - started < 5, "run did not fail before loading BPF"
+    for proc in (check, run):
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"bpfpipe: error: {message}"), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert check.stderr == run.stderr
+    assert "attached BPF program" not in run.stderr
