@@ -62,6 +62,13 @@ class InflightBudget:
             return False
         return not (self.max_bytes and self.bytes + nbytes > self.max_bytes)
 
+    async def wait_room(self, events: int, nbytes: int) -> None:
+        """Wait until a batch of this size fits (without admitting it)."""
+        if not self.has_room(events, nbytes):
+            self.waits += 1
+            while not self.has_room(events, nbytes):
+                await self._lot.park()
+
     async def admit(self, events: int, nbytes: int) -> None:
         """Wait until the batch fits, then count it as in flight."""
         if not self.has_room(events, nbytes):
@@ -148,6 +155,8 @@ class Edge:
         self.sent_events = 0
         self.received_batches = 0
         self.received_events = 0
+        self.room = trio.lowlevel.ParkingLot()
+        """Unparked whenever the consumer takes a batch."""
 
     @property
     def depth(self) -> int:
@@ -220,6 +229,47 @@ class BatchSender:
     def send_would_block(self) -> bool:
         return self._edge.depth >= self._edge.capacity
 
+    async def wait_room(self, events: int, nbytes: int) -> None:
+        """Wait until a batch of ``events`` events and ``nbytes`` bytes can be sent with
+        :meth:`send_nowait` (room in the channel and, for a source, in the in-flight budget).
+
+        A source that makes its batches on demand waits here *before* making and counting
+        one, then sends it with ``send_nowait`` with no checkpoint in between: a stop that
+        cancels the wait leaves no batch produced and unsent."""
+        edge = self._edge
+        while True:
+            if self._admits and not self._ctx.budget.has_room(events, nbytes):
+                await self._ctx.budget.wait_room(events, nbytes)
+            if edge.depth < edge.capacity or edge.send_channel.statistics().tasks_waiting_receive:
+                if not self._admits or self._ctx.budget.has_room(events, nbytes):
+                    return
+                continue
+            await edge.room.park()
+
+    def send_nowait(self, batch: Batch) -> None:
+        """Send without waiting; raises ``trio.WouldBlock`` (and sends nothing) if the
+        channel is full or, for a source, the batch does not fit the in-flight budget."""
+        n = len(batch)
+        if n == 0:
+            return
+        edge = self._edge
+        ctx = self._ctx
+        nbytes = batch.nbytes
+        if self._admits and not ctx.budget.has_room(n, nbytes):
+            raise trio.WouldBlock
+        edge.send_channel.send_nowait(batch)  # raises WouldBlock before anything is counted
+        if self._admits:
+            ctx.budget.admit_nowait(n, nbytes)
+        edge.queued_events += n
+        edge.queued_bytes += nbytes
+        edge.sent_batches += 1
+        edge.sent_events += n
+        depth = edge.send_channel.statistics().current_buffer_used
+        if depth > edge.peak_depth:
+            edge.peak_depth = depth
+        ctx.stats.sent_batches += 1
+        ctx.stats.sent_events += n
+
     async def aclose(self) -> None:
         await self._edge.send_channel.aclose()
 
@@ -255,6 +305,7 @@ class BatchReceiver:
         edge.queued_bytes -= batch.nbytes
         edge.received_batches += 1
         edge.received_events += n
+        edge.room.unpark_all()
         stats = self._ctx.stats
         stats.received_batches += 1
         stats.received_events += n

@@ -110,9 +110,12 @@ class SyntheticSource(Source):
                         continue
                     want = int(credit)
                 credit -= want
+            # Wait for room first, then make, count and send with no checkpoint between:
+            # a graceful stop cancels the wait, never a batch already counted as produced.
+            await tx.wait_room(want, want * (SYNTHETIC_DTYPE.itemsize + 8))  # events + weights
             events = self._make(want, seq)
             seq += want
             remaining -= want
             self.ctx.produced(want)
-            await tx.send(Batch(events, source=self.ctx.name, seq=batch_no))
+            tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no))
             batch_no += 1
