@@ -9,6 +9,18 @@ Attach conventions (no per-program Python tables to keep in sync):
   replacing another tool's XDP program;
 - any other non-static function is an error.
 
+A crashed (SIGKILLed) bpfpipe leaves its XDP program attached: the kernel
+keeps it alive through the interface, not through the dead process. Before
+attaching, :func:`attached_xdp` asks iproute2 what is on the interface and
+:func:`stale_xdp_problem` decides, from facts only, whether it is *our own
+stale* program: same function name, same tag as the program just loaded
+(the tag is a hash of the verified instructions, so same source and options),
+and no process holding an fd to it (so no bpfpipe is running it). Only then is
+it detached, with one warning; anything else stops the attach with one line
+naming the program and the command that removes it. The attach that follows
+still says UPDATE_IF_NOEXIST, so a program another tool attaches in between
+makes it fail rather than be replaced.
+
 Every attachment comes with a detacher; the caller keeps both lists, so what
 was attached before a failure can still be undone. bcc wants bytes for every
 name (a str warns, and warnings are errors in our tests), so names are encoded
@@ -19,9 +31,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
+import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +45,29 @@ from .diagnostics import BpfLoadError, bcc_reason, call_bcc, captured_stderr, on
 
 __all__ = [
     "XDP_MODES",
+    "AttachedXdp",
     "Attachment",
     "Detacher",
     "attach_all",
+    "attached_xdp",
     "function_names",
+    "stale_xdp_problem",
 ]
 
 XDP_MODES = {"skb": "SKB_MODE", "driver": "DRV_MODE"}
 """``options["mode"]`` of an XDP program -> the name of bcc's ``XDP_FLAGS_*`` flag."""
 
 Detacher = Callable[[], None]
+
+_XDP_ATTACHED_MODES = {1: "driver", 2: "skb", 3: "hw"}
+"""``IFLA_XDP_ATTACHED`` values (``XDP_ATTACHED_*``, as ``ip -j link`` prints them) -> our mode names."""
+
+_XDP_OFF_WORDS = {"skb": "xdpgeneric", "driver": "xdpdrv", "hw": "xdpoffload"}
+"""Mode -> the word `ip link set ... off` and `bpftool net detach` take (plain `xdp` misses skb mode)."""
+
+_BPF_OBJ_NAME_LEN = 16  # the kernel keeps 15 characters of a program's name
+
+_log = logging.getLogger("bpfpipe.bpf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +77,19 @@ class Attachment:
     function: str
     prog_id: int
     attach_point: str  # "tracepoint:sched:sched_process_exec", "xdp:eth0:skb"
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedXdp:
+    """An XDP program attached to an interface, as iproute2 reports it."""
+
+    prog_id: int
+    name: str  # "" when this iproute2 cannot say (built without libbpf)
+    tag: str
+    mode: str  # "skb", "driver" or "hw"
+
+    def describe(self) -> str:
+        return f"prog id {self.prog_id}, name {self.name or '?'!r}, tag {self.tag or '?'}, {self.mode} mode"
 
 
 def function_names(bpf: Any) -> list[str]:
@@ -86,7 +127,8 @@ def attach_all(
             fn = _load_function(bpf, program, function, BPF.XDP)
             interface = str(options["interface"])
             mode = options.get("mode", "skb")
-            flags = getattr(BPF, f"XDP_FLAGS_{XDP_MODES[mode]}")
+            flags = _xdp_mode_flags(mode)
+            _replace_stale_xdp(program, function, interface, mode, fn.fd)
             # UPDATE_IF_NOEXIST: never replace another tool's XDP program.
             _, failure, _ = call_bcc(
                 functools.partial(
@@ -96,8 +138,10 @@ def attach_all(
             )
             if failure is not None:
                 reason = bcc_reason(failure)
-                if reason == os.strerror(errno.EBUSY):
-                    reason += " (another XDP program is attached; remove it first)"
+                if reason in (os.strerror(errno.EBUSY), os.strerror(errno.EEXIST)):
+                    reason += (
+                        f" (another XDP program was attached meanwhile; see `ip link show dev {interface}`)"
+                    )
                 raise BpfLoadError(program, f"could not attach XDP ({mode} mode) to {interface!r}: {reason}")
             detachers.append(_xdp_detacher(interface, flags))
             attachments.append(Attachment(function, _prog_id(fn.fd), f"xdp:{interface}:{mode}"))
@@ -107,6 +151,153 @@ def attach_all(
                 f"defines function {function!r} that matches no attach convention "
                 f"(TRACEPOINT_PROBE, or an XDP function named {program!r}); make helpers static",
             )
+
+
+def attached_xdp(interface: str) -> list[AttachedXdp]:
+    """The XDP programs attached to ``interface`` (``ip -j link show``), one per mode."""
+    try:
+        done = subprocess.run(
+            ["ip", "-j", "link", "show", "dev", interface], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"cannot ask iproute2 what is attached to {interface!r}: {exc}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"`ip link show dev {interface}` failed: {one_line(done.stderr)}")
+    found: dict[int, AttachedXdp] = {}
+    for link in json.loads(done.stdout or "[]"):
+        xdp = link.get("xdp") or {}
+        entries = xdp.get("attached") or ([xdp] if "prog" in xdp else [])
+        for entry in entries:
+            prog = entry.get("prog") or {}
+            if "id" not in prog:
+                continue
+            mode = _XDP_ATTACHED_MODES.get(int(entry.get("mode", 0)), f"mode {entry.get('mode')}")
+            found[int(prog["id"])] = AttachedXdp(
+                int(prog["id"]), str(prog.get("name", "")), str(prog.get("tag", "")), mode
+            )
+    return list(found.values())
+
+
+def stale_xdp_problem(
+    attached: AttachedXdp, *, interface: str, function: str, tag: str, holders: Iterable[int]
+) -> str | None:
+    """None if ``attached`` is our own stale program (safe to detach), else why not, for people.
+
+    Ours: the same (15-character) name and the same tag as the program we just
+    loaded, in a mode we can detach, and no process holding it open.
+    """
+    name_matches = attached.name == function[: _BPF_OBJ_NAME_LEN - 1]
+    ours = name_matches and attached.tag == tag
+    pids = sorted(holders)
+    if ours and pids:
+        return (
+            f"this program is already attached ({attached.describe()}) and held open by running "
+            f"process{'es' if len(pids) > 1 else ''} {', '.join(map(str, pids))}; stop that bpfpipe first"
+        )
+    if ours and attached.mode in XDP_MODES:
+        return None
+    if not attached.name:
+        why = "iproute2 does not say its name, so not replacing it"
+    elif not name_matches:
+        why = "not bpfpipe's, so not replacing it"
+    elif not ours:
+        why = "same name but a different tag (another bpfpipe build or other options), so not replacing it"
+    else:
+        why = "attached in a mode bpfpipe does not use, so not replacing it"
+    word = _XDP_OFF_WORDS.get(attached.mode, "xdp")
+    return (
+        f"another XDP program is attached ({attached.describe()}): {why}; if it should go, remove it with "
+        f"`ip link set dev {interface} {word} off` or `bpftool net detach {word} dev {interface}`"
+    )
+
+
+def _replace_stale_xdp(program: str, function: str, interface: str, mode: str, fd: int) -> None:
+    """Detach our own stale XDP program from ``interface``; raise if something else is there."""
+    try:
+        attached = attached_xdp(interface)
+    except RuntimeError as exc:
+        raise BpfLoadError(program, f"could not attach XDP ({mode} mode) to {interface!r}: {exc}") from None
+    if not attached:
+        return
+    tag = _fdinfo(fd).get("prog_tag", "")
+    for stale in attached:
+        problem = stale_xdp_problem(
+            stale, interface=interface, function=function, tag=tag, holders=_prog_holders(stale.prog_id)
+        )
+        if problem is not None:
+            raise BpfLoadError(program, f"could not attach XDP ({mode} mode) to {interface!r}: {problem}")
+    for stale in attached:
+        _log.warning(
+            "replacing stale XDP program",
+            extra={
+                "interface": interface,
+                "prog_id": stale.prog_id,
+                "xdp_mode": stale.mode,
+                "why_ours": (
+                    f"name {stale.name} and tag {stale.tag} match the program just loaded, "
+                    "and no process holds it (left by a bpfpipe that did not stop cleanly)"
+                ),
+            },
+        )
+        _, failure, _ = call_bcc(
+            functools.partial(_remove_xdp, interface, _xdp_mode_flags(stale.mode)),
+            f"detaching stale XDP program {stale.prog_id} from {interface}",
+        )
+        if failure is not None:
+            raise BpfLoadError(
+                program,
+                f"could not detach its stale XDP program (prog id {stale.prog_id}) from {interface!r}: "
+                f"{bcc_reason(failure)}",
+            )
+
+
+def _remove_xdp(interface: str, flags: int) -> None:
+    from bcc import BPF
+
+    BPF.remove_xdp(interface.encode(), flags)
+
+
+def _xdp_mode_flags(mode: str) -> int:
+    from bcc import BPF
+
+    return int(getattr(BPF, f"XDP_FLAGS_{XDP_MODES[mode]}"))
+
+
+def _prog_holders(prog_id: int) -> set[int]:
+    """Pids of the processes holding an fd to BPF program ``prog_id`` (a running bpfpipe does)."""
+    holders: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) != "anon_inode:bpf-prog":
+                    continue
+                if _fdinfo_path(proc / "fdinfo" / fd.name).get("prog_id") == str(prog_id):
+                    holders.add(int(proc.name))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def _fdinfo(fd: int) -> dict[str, str]:
+    try:
+        return _fdinfo_path(Path(f"/proc/self/fdinfo/{fd}"))
+    except OSError:
+        return {}
+
+
+def _fdinfo_path(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
 
 
 def _load_function(bpf: Any, program: str, function: str, prog_type: int) -> Any:
@@ -127,12 +318,9 @@ def _load_function(bpf: Any, program: str, function: str, prog_type: int) -> Any
 def _prog_id(fd: int) -> int:
     """The kernel's id for a program fd (as shown by bpftool), from /proc/self/fdinfo."""
     try:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            if line.startswith("prog_id:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return int(_fdinfo(fd).get("prog_id", "0"))
+    except ValueError:
+        return 0
 
 
 def _tracepoint_detacher(bpf: Any, point: str) -> Detacher:

@@ -11,8 +11,8 @@ module named for its job:
 3. sizes: ring buffer pages and hash map entries (:mod:`bpf.sizing`);
 4. the C text: includes spliced in, schema probes appended (:mod:`bpf.source`);
 5. compiling with bcc, stderr captured into one-line errors (:mod:`bpf.diagnostics`);
-6. loading every function through the verifier and attaching it by convention
-   (:mod:`bpf.attach`);
+6. loading every function through the verifier and attaching it by convention,
+   replacing only bpfpipe's own stale XDP program left by a crash (:mod:`bpf.attach`);
 7. the event dtypes, from clang's layout of the structs the program's header
    lists (:mod:`bpf.layout`);
 8. wrapping it all in the program's class (:mod:`bpf.programs`), which owns it

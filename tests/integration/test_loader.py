@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bpf.attach import AttachedXdp, stale_xdp_problem
 from bpf.loader import (
     DEFAULT_MAP_SIZE,
     DEFAULT_RING_BUFFER_PAGES,
@@ -280,3 +281,43 @@ def test_growing_maps_are_counted_and_evicted_oldest_first() -> None:
             for sleeper in sleepers:
                 sleeper.kill()
                 sleeper.wait()
+
+
+# -- a stale XDP attachment: whose is it? (pure; no kernel) ---------------------------
+
+OURS = AttachedXdp(prog_id=7, name="xdp_firewall", tag="0e293ce5333d86ad", mode="skb")
+
+
+@pytest.mark.parametrize(
+    ("attached", "holders", "expected"),
+    [
+        (OURS, [], None),
+        (AttachedXdp(7, "xdp_firewall", "0e293ce5333d86ad", "driver"), [], None),
+        (
+            OURS,
+            [4242],
+            "already attached (prog id 7, name 'xdp_firewall', tag 0e293ce5333d86ad, skb mode) "
+            "and held open by running process 4242; stop that bpfpipe first",
+        ),
+        (AttachedXdp(7, "xdp_firewall", "ffffffffffffffff", "skb"), [], "same name but a different tag"),
+        (AttachedXdp(7, "foreign", "0e293ce5333d86ad", "driver"), [], "not bpfpipe's"),
+        (AttachedXdp(7, "", "", "skb"), [], "name '?', tag ?, skb mode): iproute2 does not say its name"),
+        (AttachedXdp(7, "xdp_firewall", "0e293ce5333d86ad", "hw"), [], "a mode bpfpipe does not use"),
+    ],
+    ids=["stale", "stale-other-mode", "running", "other-build", "foreign", "unknown", "offloaded"],
+)
+def test_only_our_own_unheld_program_is_stale(
+    attached: AttachedXdp, holders: list[int], expected: str | None
+) -> None:
+    problem = stale_xdp_problem(
+        attached, interface="veth0", function="xdp_firewall", tag="0e293ce5333d86ad", holders=holders
+    )
+    if expected is None:
+        assert problem is None
+        return
+    assert problem is not None and expected in problem, problem
+    if not holders:
+        word = {"skb": "xdpgeneric", "driver": "xdpdrv", "hw": "xdpoffload"}[attached.mode]
+        assert problem.endswith(
+            f"remove it with `ip link set dev veth0 {word} off` or `bpftool net detach {word} dev veth0`"
+        ), problem

@@ -16,6 +16,7 @@ import pytest
 from _bcc_records import BccRecords
 from _netns import interface_exists, interface_has_xdp, netns_exists, veth_netns
 
+from bpf.attach import attached_xdp
 from bpf.loader import BpfLoadError, XdpFirewallProgram, load_program
 
 pytestmark = pytest.mark.bpf
@@ -88,9 +89,11 @@ def test_xdp_firewall_blocks_rate_limits_and_reports_drops(unique_name: str) -> 
             (attachment,) = program.attachments
             assert attachment.attach_point == f"xdp:{net.host_if}:skb"
             assert attachment.prog_id > 0
-            # A second firewall never replaces the first.
-            with pytest.raises(BpfLoadError, match=r"another XDP program is attached"):
+            # A second firewall never replaces the first, though it is the same program:
+            # this process holds it, so it is not stale.
+            with pytest.raises(BpfLoadError, match=rf"already attached .* running process {os.getpid()};"):
                 load_program("xdp_firewall", ring_buffer_size=4096, map_size=1024, options=program.options)
+            assert [p.prog_id for p in attached_xdp(net.host_if)] == [attachment.prog_id]
             assert interface_has_xdp(net.host_if)
             drops = Drops(program)
 
@@ -161,3 +164,31 @@ def test_xdp_firewall_blocks_rate_limits_and_reports_drops(unique_name: str) -> 
         program.close()  # idempotent
     assert not interface_exists(net.host_if)
     assert not netns_exists(net.netns)
+
+
+def test_a_program_with_our_name_but_another_tag_is_not_replaced(unique_name: str) -> None:
+    """Another build of xdp_firewall (same name, different instructions) may belong to
+    someone else's bpfpipe: say what is attached and how to remove it, touch nothing."""
+    from bcc import BPF
+
+    with veth_netns(unique_name) as net:
+        other = BPF(text=b"int xdp_firewall(struct xdp_md *ctx) { return XDP_PASS; }")
+        try:
+            fn = other.load_func(b"xdp_firewall", BPF.XDP)
+            BPF.attach_xdp(net.host_if.encode(), fn, BPF.XDP_FLAGS_SKB_MODE)
+            (before,) = attached_xdp(net.host_if)
+            assert before.name == "xdp_firewall"
+            with pytest.raises(BpfLoadError) as caught:
+                load_program(
+                    "xdp_firewall", ring_buffer_size=4096, map_size=1024, options={"interface": net.host_if}
+                )
+            message = str(caught.value)
+            assert f"prog id {before.prog_id}, name 'xdp_firewall', tag {before.tag}, skb mode" in message
+            assert "same name but a different tag" in message
+            assert f"`ip link set dev {net.host_if} xdpgeneric off`" in message
+            assert attached_xdp(net.host_if) == [before]
+        finally:
+            BPF.remove_xdp(net.host_if.encode(), BPF.XDP_FLAGS_SKB_MODE)
+            other.cleanup()
+        assert not interface_has_xdp(net.host_if)
+    assert not interface_exists(net.host_if)
