@@ -45,7 +45,7 @@ import trio
 from . import __version__
 from ._build import build_pipeline, resolved_config
 from ._graph import Pipeline
-from ._log import setup_logging
+from ._log import flush_logging, setup_logging
 from .config import Config, decode_config, dump_config, merge_sources, read_toml
 from .errors import BpfpipeError
 
@@ -68,8 +68,7 @@ _HUP_MESSAGE = "SIGHUP: live reload is not implemented yet; carrying on"
 
 def _say(message: str) -> None:
     """Print one line for people on stderr, after any log lines still queued."""
-    for handler in logging.getLogger("bpfpipe").handlers:
-        handler.flush()
+    flush_logging()
     print(message, file=sys.stderr)
 
 
@@ -237,6 +236,7 @@ async def _run(pipe: Pipeline, duration: float | None, outcome: _RunOutcome) -> 
 
 
 def _report(pipe: Pipeline) -> None:
+    flush_logging()  # repeats folded during the run are told before its totals
     ledger = pipe.ledger.snapshot()
     fields = {f"outcome_{k}": v for k, v in ledger.by_outcome().items() if v}
     log.info("pipeline finished", extra={"produced": ledger.produced, "pending": ledger.pending, **fields})

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 BPFPIPE = [sys.executable, "-m", "pipeline.cli"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "BPF_DEBUG"}}
@@ -43,6 +47,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, tex
     assert "Traceback" not in proc.stderr
 
 
+def own_lines(stderr: str, *, at_most: int = 2) -> list[str]:
+    """bpfpipe's own lines on stderr (``bpfpipe: ...``), after checking that every other
+    line is a log line (logfmt, ``ts=...``), that there are at most ``at_most`` of them
+    and no traceback."""
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    own = [line for line in lines if line.startswith("bpfpipe: ")]
+    assert all(line.startswith("ts=") for line in lines if line not in own), stderr
+    assert len(own) <= at_most, stderr
+    return own
+
+
 def assert_accounts_balance(stderr: str) -> dict[str, int]:
     """The final ``pipeline finished`` line: pending=0 and outcomes summing to produced."""
     finished = [line for line in stderr.splitlines() if 'msg="pipeline finished"' in line]
@@ -59,3 +75,19 @@ def write_module(directory: Path, name: str, source: str) -> Path:
     path = directory / f"{name}.py"
     path.write_text(textwrap.dedent(source))
     return path
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(directory: Path, options: str = "size=64k") -> Iterator[Path]:
+    """A tmpfs at ``directory`` for the test's duration (root only): skipped without
+    root, failed under ``CI=true``, where these tests must run."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("tmpfs tests need root, and CI must run them", pytrace=False)
+        pytest.skip("needs root to mount a tmpfs")
+    directory.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)

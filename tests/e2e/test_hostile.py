@@ -1,20 +1,39 @@
-"""Hostile input and signals at any moment (issue 13), the CLI run as a user runs it.
+"""Hostile input, hostile outputs and signals at any moment (issue 13), the CLI run as a user runs it.
 
 Whatever goes wrong, the user gets at most a line or two on stderr, never a traceback,
-and an exit code a script can rely on: 2 for bad config or usage, 130/143 for a
-SIGINT/SIGTERM before the pipeline started (or a second one that aborted it), 0 for a
-graceful stop, 1 when the drain missed ``shutdown.drain_timeout_s``.
+and an exit code a script can rely on: 2 for bad config or usage (an unwritable output
+path included, found before any BPF program loads), 130/143 for a SIGINT/SIGTERM before
+the pipeline started (or a second one that aborted it), 0 for a graceful stop (also when
+the output is gone: closed stdout, full disk), 1 when the drain missed
+``shutdown.drain_timeout_s`` (a stdout nobody reads). Log lines (logfmt, ``ts=...``) are
+on stderr too; bpfpipe's own lines start with ``bpfpipe: ``. A flood of identical log
+lines is folded into one line and a count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cli import assert_accounts_balance, assert_one_line_error, bpfpipe, spawn, write_module
+from _cli import (
+    BPFPIPE,
+    CLEAN_ENV,
+    assert_accounts_balance,
+    assert_one_line_error,
+    bpfpipe,
+    mounted_tmpfs,
+    own_lines,
+    spawn,
+    write_module,
+)
 
 # -- hostile config files and flags ---------------------------------------------------
 
@@ -313,3 +332,217 @@ def test_check_and_run_fail_alike_and_run_fails_fast(tmp_path: Path, text: str, 
         assert "Traceback" not in proc.stderr
     assert check.stderr == run.stderr
     assert "attached BPF program" not in run.stderr
+
+
+# -- a log flood ----------------------------------------------------------------------
+
+FAILING_STAGE = """
+    from pipeline import BatchStage
+
+    class Stage(BatchStage):
+        def process(self, batch):
+            raise RuntimeError("enrichment backend unreachable")
+"""
+
+
+def test_a_stage_failing_every_batch_logs_a_handful_of_lines(tmp_path: Path) -> None:
+    write_module(tmp_path, "failing", FAILING_STAGE)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[source]\nuse = "synthetic"\nconfig = { rate_per_s = 200000, batch_size = 64 }\n'
+        '[[stages]]\nuse = "failing:Stage"\n[sink]\nuse = "null"\n'
+    )
+    proc = bpfpipe("run", "--config", str(config), "--duration", "1", env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert own_lines(proc.stderr) == []
+    lines = proc.stderr.splitlines()
+    assert len(lines) <= 8, proc.stderr  # not one per batch (thousands)
+    failed = [line for line in lines if "process() failed in stage 'failing:Stage'" in line]
+    assert len(failed) == 2, proc.stderr  # the first, then the summary
+    match = re.search(r" repeated=(\d+)$", failed[1])
+    assert match is not None, failed[1]
+    repeated = int(match[1])
+    assert f"(repeated {repeated:,} times in the last " in failed[1]
+    errors = [line for line in lines if 'msg="stage had errors"' in line]
+    assert len(errors) == 1 and f" errors={repeated + 1} " in errors[0], proc.stderr  # counters count all
+    assert repeated > 100
+    fields = assert_accounts_balance(proc.stderr)
+    assert fields["outcome_stage_dropped"] == fields["produced"] > 0
+
+
+# -- hostile outputs ------------------------------------------------------------------
+
+FAST_SOURCE = '[source]\nuse = "synthetic"\nconfig = { rate_per_s = 100000, batch_size = 256 }\n'
+
+
+@contextlib.contextmanager
+def _stalled_fifo(tmp_path: Path, *, full: bool) -> Iterator[int]:
+    """The write end of a FIFO whose reader never reads (``full``: its buffer filled already)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(fifo, os.O_WRONLY)
+    try:
+        if full:
+            os.set_blocking(writer, False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(writer, b"x" * 65536)
+            os.set_blocking(writer, True)
+        yield writer
+    finally:
+        os.close(writer)
+        os.close(reader)
+
+
+def _spawn_with(stdout: int, stderr: int, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*BPFPIPE, *args], stdout=stdout, stderr=stderr, text=True, env=CLEAN_ENV, start_new_session=True
+    )
+
+
+def test_stdout_never_read_stops_at_the_drain_deadline_exit_1(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(FAST_SOURCE + "[shutdown]\ndrain_timeout_s = 2\n")
+    with _stalled_fifo(tmp_path, full=False) as stdout:
+        proc = _spawn_with(stdout, subprocess.PIPE, "run", "--config", str(config))
+        assert proc.stderr is not None
+        assert 'msg="pipeline started"' in proc.stderr.readline()
+        time.sleep(1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        stderr = _finish(proc)
+        assert time.monotonic() - sent < 2 + 2, "the stuck write held the stop past the drain deadline"
+    assert proc.returncode == 1, stderr
+    assert own_lines(stderr) == [
+        "bpfpipe: error: draining did not finish within shutdown.drain_timeout_s = 2 s;"
+        " aborted (what was in flight is recorded as dropped, reason 'shutdown')"
+    ]
+    fields = assert_accounts_balance(stderr)
+    assert fields["outcome_stage_dropped"] > 0
+
+
+def test_stderr_never_read_still_stops_on_sigint_exit_0(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(FAST_SOURCE + "[shutdown]\ndrain_timeout_s = 2\n")
+    events = tmp_path / "events.jsonl"
+    with _stalled_fifo(tmp_path, full=True) as stderr, events.open("wb") as stdout:
+        proc = _spawn_with(stdout.fileno(), stderr, "run", "--config", str(config))
+        _wait_for(lambda: events.stat().st_size > 0 or proc.poll() is not None, "events on stdout")
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        # The drain (fast here) plus one grace period of 2 s for the logs, not one per line.
+        assert time.monotonic() - sent < 2 + 2 + 1
+    assert proc.returncode == 0
+
+
+def _jsonl_lines(path: Path) -> int:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), data[-200:]
+    lines = data.splitlines()
+    for line in lines:
+        json.loads(line)  # whole lines only
+    return len(lines)
+
+
+def test_disk_full_jsonl_sink_keeps_whole_lines_and_stops_exit_0(tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "mnt") as mnt:
+        out = mnt / "events.jsonl"
+        config = tmp_path / "c.toml"
+        config.write_text(FAST_SOURCE + f'[sink]\nuse = "jsonl"\nconfig = {{ path = "{out}" }}\n')
+        on_disk = 0
+        for _ in range(2):  # the second run appends to the full file
+            proc = bpfpipe("run", "--config", str(config), "--duration", "10", timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            assert own_lines(proc.stderr) == []
+            assert "No space left on device): stopping" in proc.stderr
+            fields = assert_accounts_balance(proc.stderr)
+            now_on_disk = _jsonl_lines(out)
+            assert fields.get("outcome_delivered", 0) == now_on_disk - on_disk
+            on_disk = now_on_disk
+        assert on_disk > 100
+
+
+FAILING_SINK = """
+    from pipeline import BatchSink
+
+    class Sink(BatchSink):
+        async def write(self, batch):
+            raise ConnectionError("collector unreachable")
+"""
+
+
+def test_disk_full_spool_keeps_whole_lines_exit_0(tmp_path: Path) -> None:
+    write_module(tmp_path, "badsink", FAILING_SINK)
+    with mounted_tmpfs(tmp_path / "mnt") as mnt:
+        spool = mnt / "spool.jsonl"
+        config = tmp_path / "c.toml"
+        config.write_text(
+            FAST_SOURCE + '[sink]\nuse = "breaker_sink"\n'
+            f'config = {{ primary = "badsink:Sink", fallback_config = {{ path = "{spool}" }} }}\n'
+        )
+        on_disk = 0
+        for _ in range(2):
+            proc = bpfpipe(
+                "run",
+                "--config",
+                str(config),
+                "--duration",
+                "1",
+                env={"PYTHONPATH": str(tmp_path)},
+                timeout=30,
+            )
+            assert proc.returncode == 0, proc.stderr
+            assert own_lines(proc.stderr) == []
+            assert len(proc.stderr.splitlines()) <= 10, proc.stderr  # failures folded
+            assert "No space left on device" in proc.stderr
+            fields = assert_accounts_balance(proc.stderr)
+            now_on_disk = _jsonl_lines(spool)
+            assert fields.get("outcome_fallback", 0) == now_on_disk - on_disk
+            on_disk = now_on_disk
+        assert on_disk > 100
+
+
+def test_closed_stdout_stops_gracefully_exit_0() -> None:
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        proc = subprocess.run(
+            [*BPFPIPE, "run", "--source", "synthetic"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CLEAN_ENV,
+            timeout=30,
+        )
+    finally:
+        os.close(writer)
+    assert proc.returncode == 0, proc.stderr
+    assert own_lines(proc.stderr) == []
+    assert proc.stderr.count("output closed (stdout: Broken pipe): stopping") == 1, proc.stderr
+    fields = assert_accounts_balance(proc.stderr)
+    assert "outcome_delivered" not in fields
+
+
+@pytest.mark.parametrize("where", ["missing-directory", "directory", "read-only-mount"])
+def test_unopenable_output_fails_before_loading_bpf_exit_2(tmp_path: Path, where: str) -> None:
+    with contextlib.ExitStack() as stack:
+        if where == "missing-directory":
+            path, problem = (
+                tmp_path / "nosuch" / "events.jsonl",
+                f"directory {tmp_path / 'nosuch'} does not exist",
+            )
+        elif where == "directory":
+            path, problem = tmp_path, f"{tmp_path} is a directory"
+        else:
+            mnt = stack.enter_context(mounted_tmpfs(tmp_path / "mnt", "ro,size=64k"))
+            path, problem = mnt / "events.jsonl", f"directory {mnt} is not writable"
+        config = tmp_path / "c.toml"
+        config.write_text(f'[sink]\nuse = "jsonl"\nconfig = {{ path = "{path}" }}\n')  # the exec source (BPF)
+        started = time.monotonic()
+        proc = bpfpipe("run", "--config", str(config), timeout=30)
+        assert time.monotonic() - started < 2, "it did not fail before compiling BPF"
+    assert_one_line_error(proc, 2, f"stage 'jsonl': sink.config.path: cannot write: {problem}")
+    assert "attached BPF program" not in proc.stderr
