@@ -100,11 +100,32 @@ def test_the_check_can_fail(source: str, expected: list[str]) -> None:
     assert private_imports(source) == expected
 
 
-def test_the_public_namespace_is_all_listed() -> None:
-    public = [n for n, v in vars(pipeline).items() if not n.startswith("_") and not isinstance(v, ModuleType)]
-    assert sorted(pipeline.__all__) == sorted(public)
+def test_the_public_namespace_is_all_listed_and_lazy_exports_agree_with_the_typed_ones() -> None:
+    assert sorted(pipeline.__all__) == sorted(pipeline._EXPORTS)
+    tree = ast.parse(Path(pipeline.__file__ or "").read_text())
+    typed = {
+        alias.asname or alias.name: (node.module, alias.name)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert typed == pipeline._EXPORTS
     for name in pipeline.__all__:
-        assert getattr(pipeline, name) is not None
+        module, attr = pipeline._EXPORTS[name]
+        assert getattr(pipeline, name) is getattr(importlib.import_module(f"pipeline.{module}"), attr)
+    with pytest.raises(AttributeError):
+        _ = pipeline.NoSuchName  # type: ignore[attr-defined]
+
+
+def test_importing_the_package_imports_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline; print(sorted(m for m in ('trio', 'numpy', 'msgspec') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # -- the README's plug-in, which wraps other stages ---------------------------------------------
