@@ -202,6 +202,30 @@ def test_signal_during_bpf_compile_is_a_clean_startup_interrupt(signum: int, cod
     assert len(lines) <= 2 and lines[-1] == "bpfpipe: interrupted during startup", stderr
 
 
+def _mapped(proc: subprocess.Popen[str], library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_importing_numpy_and_trio_is_a_clean_startup_interrupt(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    # The heavy imports happen after main() has installed its handlers; catch the
+    # process in them (numpy's core is mapped: the ~0.2 s import is under way).
+    proc = spawn("run", "--source", "synthetic", "--sink", "null", "--duration", "30")
+    deadline = time.monotonic() + 20
+    while not _mapped(proc, "_multiarray_umath"):
+        assert time.monotonic() < deadline and proc.poll() is None, "numpy was never imported"
+        time.sleep(0.001)
+    proc.send_signal(signum)
+    stderr = _finish(proc)
+    assert proc.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == "bpfpipe: interrupted during startup", stderr
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_while_importing_a_plugin_is_a_clean_startup_interrupt(
     tmp_path: Path, signum: int, code: int
