@@ -21,7 +21,7 @@ import trio
 from ._build import build_pipeline, resolved_config
 from ._graph import Pipeline
 from ._log import flush_logging, setup_logging
-from ._signals import HUP_MESSAGE, STOP_SIGNALS, Interrupted, SignalState, say
+from ._signals import HUP_MESSAGE, STOP_SIGNALS, Interrupted, SignalState, one_line, say
 from .config import Config, decode_config, dump_config, merge_sources, read_toml
 
 __all__ = ["cmd_check", "cmd_run"]
@@ -130,6 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.abort_signal is not None:
         say("bpfpipe: aborted by a second signal")
         return 128 + outcome.abort_signal
+    if pipe.failure is not None:
+        say(f"bpfpipe: error: {one_line(pipe.failure)}; stopped (the rest is recorded as dropped)")
+        return 1
     if pipe.drain_timed_out:
         timeout = config.shutdown.drain_timeout_s
         say(

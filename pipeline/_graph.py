@@ -190,6 +190,8 @@ class Pipeline:
         self._nursery_scope: trio.CancelScope | None = None
         self._stop_requested = trio.Event()
         self.drain_timed_out = False
+        self.failure: str | None = None
+        """Why the run stopped unable to do its job (set through ``stop(failure=...)``)."""
         """The graceful stop missed ``shutdown.drain_timeout_s`` and was turned into an abort."""
         self.finished = trio.Event()
 
@@ -199,9 +201,12 @@ class Pipeline:
         """``stop()`` (or ``abort()``) has been called."""
         return self._source_scope.cancel_called
 
-    def stop(self) -> None:
+    def stop(self, *, failure: str | None = None) -> None:
         """Graceful: stop the source; everything admitted drains to the sink (within
-        ``shutdown.drain_timeout_s``, else the pipeline aborts)."""
+        ``shutdown.drain_timeout_s``, else the pipeline aborts). ``failure`` says why the
+        run cannot go on (e.g. its output is gone); the first one is kept in ``failure``."""
+        if failure is not None and self.failure is None:
+            self.failure = failure
         self._source_scope.cancel()
         self._stop_requested.set()
 

@@ -120,8 +120,9 @@ class StageContext:
         """Position of this stage's node in the chain (0: the source)."""
         self.upstream = upstream
         """Names of the nodes before this one, nearest last (for per-source ledger reads)."""
-        self.request_stop: Callable[[], None] = lambda: None
-        """Ask the pipeline for a graceful stop (set by the runtime)."""
+        self.request_stop: Callable[..., None] = lambda *, failure=None: None
+        """Ask the pipeline for a graceful stop (set by the runtime); ``failure="..."``
+        says the run cannot do its job any more (the command then exits non-zero)."""
         self.stats = StageStatistics(name, kind)
         self.ledger = ledger
         self.budget = budget
@@ -218,6 +219,16 @@ class StageContext:
         if count > 0:
             self.ledger.record(outcome, count, weight, stage=self.name, reason=reason)
             self.stats.dropped_events += count
+
+    async def output_closed(self, exc: BaseException, batch: Batch, rx: BatchReceiver) -> None:
+        """A sink's output is gone for good (``SinkClosed``): record ``batch`` and everything
+        still to come as dropped (reason ``output closed``) and stop the pipeline, marking
+        the run failed."""
+        self.log.warning("output closed (%s): stopping", exc, extra={"stage": self.name})
+        self.drop_batch(batch, reason="output closed")
+        self.request_stop(failure=f"output of stage {self.name!r} closed: {exc}")
+        async for rest in rx:
+            self.drop_batch(rest, reason="output closed")
 
     def error(self, exc: BaseException, what: str) -> None:
         self.stats.errors += 1
@@ -348,11 +359,7 @@ class BatchSink(Sink):
                 try:
                     await self.write(batch)
                 except SinkClosed as exc:
-                    ctx.log.warning("output closed (%s): stopping", exc, extra={"stage": ctx.name})
-                    ctx.drop_batch(batch, reason="output closed")
-                    ctx.request_stop()
-                    async for rest in rx:
-                        ctx.drop_batch(rest, reason="output closed")
+                    await ctx.output_closed(exc, batch, rx)
                     break
                 except Exception as exc:
                     ctx.error(exc, "write()")

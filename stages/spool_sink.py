@@ -117,11 +117,7 @@ class SpoolSink(Sink):
                 try:
                     kept = await self.spool(batch)
                 except SinkClosed as exc:
-                    ctx.log.warning("output closed (%s): stopping", exc, extra={"stage": ctx.name})
-                    ctx.drop_batch(batch, reason="output closed")
-                    ctx.request_stop()
-                    async for rest in rx:
-                        ctx.drop_batch(rest, reason="output closed")
+                    await ctx.output_closed(exc, batch, rx)
                     break
                 except OSError as exc:
                     ctx.error(exc, "spool()")

@@ -126,7 +126,7 @@ def test_not_root_says_what_is_missing_exit_3(tmp_path: Path) -> None:
 
 
 def test_closed_stdout_stops_gracefully() -> None:
-    """`bpfpipe run | head -1`: the reader goes away; we stop cleanly, exit 0."""
+    """`bpfpipe run | head -1`: the reader goes away; we stop cleanly, say so, exit 1."""
     proc = subprocess.Popen(
         [*BPFPIPE, "run", "--source", "synthetic"],
         stdout=subprocess.PIPE,
@@ -139,6 +139,7 @@ def test_closed_stdout_stops_gracefully() -> None:
     proc.stdout.close()
     _, stderr = proc.communicate(timeout=30)
     assert json.loads(first)["seq"] == 0
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 1, stderr
+    assert stderr.splitlines()[-1].startswith("bpfpipe: error: output of stage 'jsonl' closed: ")
     assert "output closed" in stderr and "pending=0" in stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr

@@ -471,7 +471,7 @@ def _jsonl_lines(path: Path) -> int:
     return len(lines)
 
 
-def test_disk_full_jsonl_sink_keeps_whole_lines_and_stops_exit_0(tmp_path: Path) -> None:
+def test_disk_full_jsonl_sink_keeps_whole_lines_and_stops_exit_1(tmp_path: Path) -> None:
     with mounted_tmpfs(tmp_path / "mnt") as mnt:
         out = mnt / "events.jsonl"
         config = tmp_path / "c.toml"
@@ -479,9 +479,10 @@ def test_disk_full_jsonl_sink_keeps_whole_lines_and_stops_exit_0(tmp_path: Path)
         on_disk = 0
         for _ in range(2):  # the second run appends to the full file
             proc = bpfpipe("run", "--config", str(config), "--duration", "10", timeout=30)
-            assert proc.returncode == 0, proc.stderr
-            assert own_lines(proc.stderr) == []
-            assert "No space left on device): stopping" in proc.stderr
+            assert proc.returncode == 1, proc.stderr
+            (line,) = own_lines(proc.stderr)
+            assert line.startswith("bpfpipe: error: output of stage 'jsonl' closed: "), line
+            assert "No space left on device" in line
             fields = assert_accounts_balance(proc.stderr)
             now_on_disk = _jsonl_lines(out)
             assert fields.get("outcome_delivered", 0) == now_on_disk - on_disk
@@ -529,7 +530,7 @@ def test_disk_full_spool_keeps_whole_lines_exit_0(tmp_path: Path) -> None:
         assert on_disk > 100
 
 
-def test_closed_stdout_stops_gracefully_exit_0() -> None:
+def test_closed_stdout_stops_gracefully_exit_1() -> None:
     reader, writer = os.pipe()
     os.close(reader)
     try:
@@ -543,8 +544,11 @@ def test_closed_stdout_stops_gracefully_exit_0() -> None:
         )
     finally:
         os.close(writer)
-    assert proc.returncode == 0, proc.stderr
-    assert own_lines(proc.stderr) == []
+    assert proc.returncode == 1, proc.stderr
+    assert own_lines(proc.stderr) == [
+        "bpfpipe: error: output of stage 'jsonl' closed: stdout: Broken pipe;"
+        " stopped (the rest is recorded as dropped)"
+    ]
     assert proc.stderr.count("output closed (stdout: Broken pipe): stopping") == 1, proc.stderr
     fields = assert_accounts_balance(proc.stderr)
     assert "outcome_delivered" not in fields
