@@ -41,6 +41,9 @@ class Batch:
     ``source`` names the producing source (per-source ordering is guaranteed);
     ``seq`` is that source's batch sequence number; ``read_time_ns`` is
     ``time.monotonic_ns()`` when the events were taken from their origin.
+    ``event_name`` names the type of every event in the batch (``"exec"``, from the
+    program's schema; set by the decoder, which sends one batch per type), or is
+    ``""`` when the source does not say; exporters write it as the ``event`` key.
     """
 
     events: npt.NDArray[Any]
@@ -51,6 +54,7 @@ class Batch:
     payload: Any = None
     """Extra per-batch data a stage hands to the next, e.g. the raw ring-buffer bytes
     that ``events`` (one row per record: offset, length) index into."""
+    event_name: str = ""
 
     def __post_init__(self) -> None:
         if self.weights is None:
@@ -82,6 +86,7 @@ class Batch:
             "seq": self.seq,
             "read_time_ns": self.read_time_ns,
             "payload": self.payload,
+            "event_name": self.event_name,
         }
         values.update(changes)
         return Batch(**values)
@@ -94,7 +99,8 @@ class Batch:
         return self.replace(weights=self.weights * factor)
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Each event as a plain dict (char arrays decoded as text).
+        """Each event as a plain dict: its fields in dtype order (char arrays decoded as
+        text), then ``weight``. Batch metadata (``event_name``) is not included.
 
         Per-event Python: about a microsecond per event. Fine for debugging and
         per-event plug-ins, never for a hot path.

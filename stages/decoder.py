@@ -12,7 +12,9 @@ Design
 * **One output batch per event type per input batch.** A structured array has
   one dtype, so a batch with several event types fans out; the decoder sends
   one batch per type present, in ascending type id, each with the input's
-  ``source``, ``seq`` and ``read_time_ns`` (``(seq, type)`` is unique). Order
+  ``source``, ``seq`` and ``read_time_ns`` (``(seq, type)`` is unique) and the
+  type's name from the schema as ``event_name`` (what exporters write as
+  ``"event"``; a type the schema names nothing is ``type<id>``). Order
   is kept within a type; across types only the kernel timestamps ``ts_ns``
   order events. Most programs emit one type, so most inputs give one batch.
   This fan-out is why the decoder is a :class:`pipeline.Stage` driving its own
@@ -156,6 +158,7 @@ def decode_records(batch: Batch) -> Decoded:
                 source=batch.source,
                 seq=batch.seq,
                 read_time_ns=batch.read_time_ns,
+                event_name=schema.name(type_id),
             )
         )
     return Decoded(out, malformed, malformed_weight)

@@ -19,8 +19,8 @@ Invariants:
   take whole (ENOSPC, EIO) is truncated back to the last whole line and raises
   ``SinkClosed`` (on its own, the sink then stops and drops the rest as ``output closed``).
 
-Each line is one event as :meth:`pipeline.Batch.records` would give it (char arrays
-as text, plus ``weight``), encoded per column by ``jsonl_sink``'s encoder. Writes go
+Each line is one event exactly as the ``jsonl`` sink writes it (``event``, ``time``,
+the fields, ``weight``: see :mod:`stages.jsonl_sink`), by the same encoder. Writes go
 through a :class:`pipeline.LineOutput` thread, so a slow disk never blocks the loop.
 """
 

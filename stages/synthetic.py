@@ -2,7 +2,9 @@
 
 Events have a strictly increasing ``seq`` (so tests can check order and
 exactly-once delivery); ``pid``, ``cpu``, ``type`` and ``value`` come from a
-seeded generator, so a given seed always yields the same stream. The rate is
+seeded generator, so a given seed always yields the same stream. ``ts_ns`` is
+CLOCK_MONOTONIC, like the kernel's ``bpf_ktime_get_ns``, and batches are named
+``"synthetic"`` (``Batch.event_name``), so exporters treat them as kernel events. The rate is
 enforced against ``trio.current_time()`` (works under trio's autojump clock),
 optionally as a square-wave burst pattern.
 
@@ -33,6 +35,10 @@ SYNTHETIC_DTYPE = np.dtype(
         ("value", "<u8"),
     ]
 )
+
+
+EVENT_NAME = "synthetic"
+"""The ``event_name`` of every batch this source sends."""
 
 
 class SyntheticConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -78,7 +84,7 @@ class SyntheticSource(Source):
     def _make(self, n: int, seq: int) -> np.ndarray:
         events = self._template[:n].copy()
         events["seq"] = self._offsets[:n] + np.uint64(seq)
-        events["ts_ns"] = time.time_ns()
+        events["ts_ns"] = time.monotonic_ns()
         return events
 
     async def run(
@@ -117,5 +123,5 @@ class SyntheticSource(Source):
             seq += want
             remaining -= want
             self.ctx.produced(want)
-            tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no))
+            tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no, event_name=EVENT_NAME))
             batch_no += 1

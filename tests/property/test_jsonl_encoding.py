@@ -1,13 +1,20 @@
 """The fast JSON-lines encoder writes exactly the bytes of the per-event reference.
 
-Reference: ``msgspec.json.Encoder().encode_lines(list(batch.records()))``. Random
-dtypes (ints of every width, floats incl. NaN/inf, bools, char arrays with NULs
-inside, invalid UTF-8, quotes, backslashes and control bytes, nested records) and
-random contents; slicing must not change the output either.
+Reference: for each dict of ``batch.records()``, ``{"event": batch.event_name,
+"time": <ts_ns + offset as RFC 3339>, **record}`` (``event`` only for a named batch,
+``time`` only for an integer ``ts_ns``, neither when a field already has that name),
+encoded with ``msgspec.json.Encoder().encode_lines``; the time is formatted here
+with ``datetime``, independently of the encoder's numpy path. Random dtypes (ints of
+every width, floats incl. NaN/inf, bools, char arrays with NULs inside, invalid
+UTF-8, quotes, backslashes and control bytes, nested records, ``ts_ns`` of several
+types, fields named ``event``/``time``), random contents and timestamps (garbage,
+near each other, far apart), named and unnamed batches; slicing must not change the
+output either.
 """
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import msgspec
@@ -18,10 +25,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipeline import Batch
-from stages.jsonl_sink import JsonLinesEncoder
+from stages.jsonl_sink import JsonLinesEncoder, monotonic_offset_ns
 
 REFERENCE = msgspec.json.Encoder()
 INTERESTING_BYTES = b'\x00"\\\n\r\t\x01\x1f\x7f\x80\xc3\xa9\xe2\x82\xac\xff /aZ'
+EPOCH = datetime.datetime(1970, 1, 1)
 
 scalar_types = st.sampled_from(
     ["|b1", "<i1", "<u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8", ">i4", ">f8"]
@@ -31,20 +39,43 @@ field_types: st.SearchStrategy[Any] = st.one_of(scalar_types, char_types)
 nested_types = st.lists(field_types, min_size=1, max_size=3).map(
     lambda ts: np.dtype([(f"n{i}", t) for i, t in enumerate(ts)])
 )
-names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=8).filter(
-    lambda n: n != "weight"
-)
+names = st.one_of(
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=8),
+    st.sampled_from(["event", "time", "pid", "ppid", "uid", "cpu", "comm", "filename"]),
+).filter(lambda n: n not in ("weight", "ts_ns"))
+ts_types = st.sampled_from(["<u8", ">u8", "<i8", "<u4", "<i2", "<f8", "|b1", "S8"])
+event_names = st.one_of(st.just(""), st.sampled_from(["exec", "exit", "xdp_drop"]), st.text(max_size=6))
+offsets = st.one_of(st.just(monotonic_offset_ns()), st.integers(-(2**63) + 1, 2**63 - 1))
 
 
 @st.composite
 def dtypes(draw: st.DrawFn, *, nested: bool) -> np.dtype[Any]:
     kinds = st.one_of(field_types, nested_types) if nested else field_types
     fields = draw(st.lists(st.tuples(names, kinds), min_size=1, max_size=6, unique_by=lambda f: f[0]))
+    if draw(st.booleans()):
+        fields.insert(draw(st.integers(0, len(fields))), ("ts_ns", draw(ts_types)))
     return np.dtype(fields)
 
 
 def char_bytes(width: int) -> st.SearchStrategy[bytes]:
     return st.lists(st.sampled_from(list(INTERESTING_BYTES)), max_size=width).map(bytes)
+
+
+@st.composite
+def timestamps(draw: st.DrawFn, dtype: np.dtype[Any], n: int) -> np.ndarray | None:
+    """Kernel-like ``ts_ns`` (close together, maybe across a second), far apart, or
+    ``None`` to keep the random bits."""
+    info = np.iinfo(dtype)
+    how = draw(st.sampled_from(["garbage", "close", "far"]))
+    if how == "close":
+        start = draw(st.integers(int(info.min), int(info.max)))
+        step = draw(st.integers(0, 10**9))
+        return np.clip(start + np.arange(n, dtype=object) * step, int(info.min), int(info.max)).astype(dtype)
+    if how == "far":
+        return np.array(
+            draw(st.lists(st.integers(int(info.min), int(info.max)), min_size=n, max_size=n)), dtype
+        )
+    return None
 
 
 @st.composite
@@ -57,37 +88,64 @@ def batches(draw: st.DrawFn, *, nested: bool = False) -> Batch:
         if dtype[name].kind == "S" and draw(st.booleans()):
             width = dtype[name].itemsize
             events[name] = draw(st.lists(char_bytes(width), min_size=n, max_size=n)) or events[name]
+    if "ts_ns" in (dtype.names or ()) and dtype["ts_ns"].kind in "iu":
+        ts = draw(timestamps(dtype["ts_ns"], n))
+        if ts is not None:
+            events["ts_ns"] = ts
     weights = draw(
         st.one_of(
             st.just(np.ones(n)),
             hnp.arrays(np.float64, n, elements=st.floats(allow_nan=False, allow_infinity=False)),
         )
     )
-    return Batch(events, weights)
+    return Batch(events, weights, event_name=draw(event_names))
 
 
-def reference(batch: Batch) -> bytes:
-    return REFERENCE.encode_lines(list(batch.records()))
+def rfc3339(wall_ns: int) -> str | None:
+    if not 0 <= wall_ns < 2**63:
+        return None
+    seconds, nanos = divmod(wall_ns, 10**9)
+    return f"{EPOCH + datetime.timedelta(seconds=seconds):%Y-%m-%dT%H:%M:%S}.{nanos:09d}Z"
 
 
-@given(batches())
-def test_flat_batches_encode_exactly_like_the_reference(batch: Batch) -> None:
-    assert JsonLinesEncoder().encode(batch.events, batch.weights) == reference(batch)
+def reference(batch: Batch, offset_ns: int) -> bytes:
+    dtype = batch.events.dtype
+    names = dtype.names or ()
+    timed = "ts_ns" in names and dtype["ts_ns"].kind in "iu" and "time" not in names
+    named = bool(batch.event_name) and "event" not in names
+    lines = []
+    for record in batch.records():
+        head: dict[str, Any] = {}
+        if named:
+            head["event"] = batch.event_name
+        if timed:
+            head["time"] = rfc3339(record["ts_ns"] + offset_ns)
+        lines.append({**head, **record})
+    return REFERENCE.encode_lines(lines)
 
 
-@given(batches(nested=True))
-def test_nested_records_encode_exactly_like_the_reference(batch: Batch) -> None:
-    assert JsonLinesEncoder().encode(batch.events, batch.weights) == reference(batch)
+def encode(batch: Batch, offset_ns: int) -> bytes:
+    return JsonLinesEncoder(clock_offset_ns=offset_ns).encode(batch.events, batch.weights, batch.event_name)
 
 
-@given(batches(), st.integers(1, 7))
-def test_slices_join_to_the_reference(batch: Batch, slice_events: int) -> None:
-    async def encode() -> list[bytes]:
-        return await JsonLinesEncoder().encode_batch(batch, slice_events)
+@given(batches(), offsets)
+def test_flat_batches_encode_exactly_like_the_reference(batch: Batch, offset_ns: int) -> None:
+    assert encode(batch, offset_ns) == reference(batch, offset_ns)
 
-    blobs = trio.run(encode)
+
+@given(batches(nested=True), offsets)
+def test_nested_records_encode_exactly_like_the_reference(batch: Batch, offset_ns: int) -> None:
+    assert encode(batch, offset_ns) == reference(batch, offset_ns)
+
+
+@given(batches(), offsets, st.integers(1, 7))
+def test_slices_join_to_the_reference(batch: Batch, offset_ns: int, slice_events: int) -> None:
+    async def encode_slices() -> list[bytes]:
+        return await JsonLinesEncoder(clock_offset_ns=offset_ns).encode_batch(batch, slice_events)
+
+    blobs = trio.run(encode_slices)
     assert len(blobs) == -(-len(batch) // slice_events)
-    assert b"".join(blobs) == reference(batch)
+    assert b"".join(blobs) == reference(batch, offset_ns)
 
 
 def test_the_comparison_can_fail() -> None:
@@ -95,4 +153,12 @@ def test_the_comparison_can_fail() -> None:
     events = np.array([(b"ab\0cd",)], dtype=[("comm", "S8")])
     batch = Batch(events)
     wrong = REFERENCE.encode_lines([{"comm": "ab\0cd", "weight": 1.0}])
-    assert JsonLinesEncoder().encode(batch.events, batch.weights) == reference(batch) != wrong
+    assert encode(batch, 0) == reference(batch, 0) != wrong
+
+
+def test_the_reference_formats_time_as_rfc3339_utc_with_nanoseconds() -> None:
+    """Pin the reference itself, so both sides cannot drift together."""
+    assert rfc3339(1_796_235_600_123_456_789) == "2026-12-02T18:20:00.123456789Z"
+    assert rfc3339(0) == "1970-01-01T00:00:00.000000000Z"
+    assert rfc3339(2**63 - 1) == "2262-04-11T23:47:16.854775807Z"
+    assert rfc3339(-1) is None and rfc3339(2**63) is None

@@ -62,6 +62,24 @@ def test_uniform_records_decode_in_one_batch_across_the_wrap():
     assert (out.source, out.seq, out.read_time_ns) == ("reader", batch.seq, batch.read_time_ns)
 
 
+def test_each_batch_is_named_after_its_event_type_and_keeps_the_name():
+    payloads = [exec_events(1).tobytes(), tick(0).tobytes(), exec_events(1, start=1).tobytes()]
+    exec_out, tick_out = decode_records(reader_batch(payloads)).batches
+    assert (exec_out.event_name, tick_out.event_name) == ("exec", "tick")  # SCHEMA.names
+    assert exec_out.select(np.array([False, True])).event_name == "exec"
+    assert exec_out.replace(seq=9).event_name == "exec"
+    assert exec_out.with_weights_scaled(2.0).event_name == "exec"
+    assert make_batch(pid=[1]).event_name == ""  # a source that does not say
+
+
+def test_a_type_without_a_name_is_named_by_its_id():
+    schema = EventSchema({1: EXEC}, {}, HEADER)
+    batch = reader_batch([exec_events(1).tobytes()])
+    batch = batch.replace(payload=RawRecords(batch.payload.raw, schema))
+    [out] = decode_records(batch).batches
+    assert out.event_name == "type1"
+
+
 def test_filtered_rows_take_the_gather_path():
     events = exec_events(50)
     batch = reader_batch([e.tobytes() for e in events])

@@ -9,6 +9,7 @@ an unwritable path is a ``ConfigError`` at build time.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -64,6 +65,92 @@ def whole_lines(path: Path) -> list[dict[str, object]]:
     data = path.read_bytes()
     assert data == b"" or data.endswith(b"\n"), "a torn last line"
     return [json.loads(line) for line in data.splitlines()]
+
+
+# -- the line format: event name, wall-clock time, fields, weight -----------------------------
+
+HEADER = [("type", "<u2"), ("cpu", "<u2"), ("rate", "<u4"), ("ts_ns", "<u8")]
+EXEC = np.dtype(
+    [
+        *HEADER,
+        ("pid", "<u4"),
+        ("ppid", "<u4"),
+        ("uid", "<u4"),
+        ("filename_len", "<u4"),
+        ("comm", "S16"),
+        ("filename", "S256"),
+    ]
+)
+EXIT = np.dtype(
+    [
+        *HEADER,
+        ("pid", "<u4"),
+        ("ppid", "<u4"),
+        ("uid", "<u4"),
+        ("exit_code", "<i4"),
+        ("lifetime_ns", "<u8"),
+        ("comm", "S16"),
+    ]
+)
+BOOT_NS = 1_796_232_000_000_000_000  # 2026-12-02T17:20:00Z: CLOCK_MONOTONIC's zero, as Unix time
+
+
+def test_exec_and_exit_lines_name_their_type_and_carry_the_wall_clock_time() -> None:
+    from stages.jsonl_sink import JsonLinesEncoder
+
+    execs = np.array([(1, 3, 1, 3_600_123_456_789, 4242, 1, 1000, 7, b"ls", b"/usr/bin/ls")], EXEC)
+    exits = np.array([(2, 3, 4, 3_600_125_000_000, 4242, 1, 1000, 0, 1_543_211, b"ls")], EXIT)
+    encoder = JsonLinesEncoder(clock_offset_ns=BOOT_NS)
+    assert encoder.encode(execs, np.ones(1), "exec") == (
+        b'{"event":"exec","time":"2026-12-02T18:20:00.123456789Z","type":1,"cpu":3,"rate":1,'
+        b'"ts_ns":3600123456789,"pid":4242,"ppid":1,"uid":1000,"filename_len":7,"comm":"ls",'
+        b'"filename":"/usr/bin/ls","weight":1.0}\n'
+    )
+    assert encoder.encode(exits, np.array([4.0]), "exit") == (
+        b'{"event":"exit","time":"2026-12-02T18:20:00.125000000Z","type":2,"cpu":3,"rate":4,'
+        b'"ts_ns":3600125000000,"pid":4242,"ppid":1,"uid":1000,"exit_code":0,'
+        b'"lifetime_ns":1543211,"comm":"ls","weight":4.0}\n'
+    )
+    # Unnamed, no ts_ns: exactly records() (what every line was before).
+    plain = make_batch(pid=[7])
+    assert encoder.encode(plain.events, plain.weights) == b'{"pid":7,"weight":1.0}\n'
+
+
+def test_the_clock_offset_is_measured_once_and_turns_monotonic_into_unix_time() -> None:
+    from stages.jsonl_sink import JsonLinesEncoder, monotonic_offset_ns
+
+    assert JsonLinesEncoder().clock_offset_ns == monotonic_offset_ns() == monotonic_offset_ns()
+    events = np.array([(time.monotonic_ns(),)], dtype=[("ts_ns", "<u8")])
+    [line] = json.loads(b"[" + JsonLinesEncoder().encode(events, np.ones(1)).rstrip() + b"]")
+    stamp = datetime.datetime.fromisoformat(line["time"][:26] + "+00:00")  # microseconds: enough
+    assert abs(stamp.timestamp() - time.time()) < 5.0
+    assert "event" not in line
+
+
+async def test_the_sink_writes_decoded_and_synthetic_events_with_their_names(tmp_path: Path) -> None:
+    from stages.synthetic import SyntheticConfig, SyntheticSource
+
+    path = tmp_path / "out.jsonl"
+    named = make_batch(ts_ns=[time.monotonic_ns()], pid=[1]).replace(event_name="exec")
+    await run_sink(path, [named, make_batch(pid=[2])])
+    first, second = whole_lines(path)
+    assert list(first) == ["event", "time", "ts_ns", "pid", "weight"]
+    assert first["event"] == "exec" and first["time"].endswith("Z")  # type: ignore[union-attr]
+    assert list(second) == ["pid", "weight"]
+
+    pipe = Pipeline(
+        [
+            NodeSpec("source", SyntheticSource, SyntheticConfig(total_events=3, batch_size=3)),
+            NodeSpec("out", JsonLinesSink, JsonLinesConfig(path=str(path))),
+        ],
+        [4],
+    )
+    await pipe.run()
+    lines = whole_lines(path)[2:]
+    assert [line["event"] for line in lines] == ["synthetic"] * 3
+    for line in lines:
+        stamp = datetime.datetime.fromisoformat(str(line["time"])[:26] + "+00:00")
+        assert abs(stamp.timestamp() - time.time()) < 5.0  # ts_ns is CLOCK_MONOTONIC, like the kernel's
 
 
 # -- a stalled reader is back-pressure, not a frozen loop ------------------------------------
