@@ -7,11 +7,24 @@
  *   - `events`          the ring buffer (size from config: BPFPIPE_RINGBUF_PAGES pages)
  *   - `bpfpipe_stats`   per-CPU counters, indexed by enum bpfpipe_stat
  *   - `bpfpipe_rate`    the in-kernel sampling gate: rate N keeps 1 in N (0/1 keep all)
+ *   - `bpfpipe_wakeup`  wake-up moderation (struct bpfpipe_wakeup, mmap'able by the reader)
  *
  * A program emits an event with bpfpipe_gate() -> bpfpipe_reserve() ->
  * bpfpipe_fill_hdr() -> bpfpipe_submit(); each step counts, so
  *   STAT_EVENTS == STAT_SAMPLED_OUT + STAT_LOST_RESERVE + STAT_EMITTED
  * holds by construction.
+ *
+ * Wake-up moderation: by default the kernel wakes the reader for the first
+ * record after it caught up, i.e. for nearly every event of a trickle (one
+ * wake-up and one 1-event batch each). bpf_ringbuf_query() would tell how much
+ * is pending, but bcc 0.26 does not rewrite it (`events` is no map pointer to
+ * it), so bpfpipe_submit() keeps its own count instead: bytes submitted since
+ * the reader last read (the reader stores 0 there before each read, through
+ * the mmap). Records are submitted with BPF_RB_NO_WAKEUP, except the one that
+ * brings the count to the threshold, which forces a wake-up. A threshold of 0
+ * (the map's initial value: no bpfpipe reader set one) keeps the kernel's
+ * default, so bcc's own consumers work unchanged. Wake-ups only; counting and
+ * the conservation law above are untouched.
  *
  * Compile programs through bpf/loader.py: bcc rewrites map method calls
  * (`bpfpipe_stats.lookup()` below) only in the main file, so the loader
@@ -26,6 +39,7 @@
 BPF_RINGBUF_OUTPUT(events, BPFPIPE_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(bpfpipe_stats, u64, STAT__MAX);
 BPF_ARRAY(bpfpipe_rate, u32, 1);
+BPF_F_TABLE("array", u32, struct bpfpipe_wakeup, bpfpipe_wakeup, 1, BPF_F_MMAPABLE);
 
 static __always_inline void bpfpipe_count(int stat)
 {
@@ -69,11 +83,30 @@ static __always_inline void bpfpipe_fill_hdr(struct bpfpipe_hdr *hdr, u16 type, 
 }
 
 /* Count before submitting: once user space can see a record, its STAT_EMITTED
- * increment is already visible, so stats read after consuming never lag the ring. */
-static __always_inline void bpfpipe_submit(void *slot)
+ * increment is already visible, so stats read after consuming never lag the ring.
+ * `size` is what was reserved; use bpfpipe_submit(slot) with a typed slot. */
+static __always_inline void bpfpipe_submit_sized(void *slot, u64 size)
 {
+    u32 key = 0;
+    u64 flags = 0;
+    struct bpfpipe_wakeup *wakeup = bpfpipe_wakeup.lookup(&key);
+    if (wakeup) {
+        u64 threshold = wakeup->threshold_bytes;
+        if (threshold) {
+            flags = BPF_RB_NO_WAKEUP;
+            /* Past the threshold the reader has been woken already: skip the atomic. */
+            if (*(volatile u64 *)&wakeup->pending_bytes < threshold) {
+                u64 bytes = (size + BPFPIPE_RINGBUF_HDR_BYTES + 7) & ~7ULL; /* as the ring counts */
+                u64 before = __sync_fetch_and_add(&wakeup->pending_bytes, bytes);
+                if (before < threshold && before + bytes >= threshold)
+                    flags = BPF_RB_FORCE_WAKEUP;
+            }
+        }
+    }
     bpfpipe_count(STAT_EMITTED);
-    events.ringbuf_submit(slot, 0);
+    events.ringbuf_submit(slot, flags);
 }
+
+#define bpfpipe_submit(slot) bpfpipe_submit_sized((slot), sizeof(*(slot)))
 
 #endif /* BPFPIPE_H */

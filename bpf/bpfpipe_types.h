@@ -47,4 +47,14 @@ struct bpfpipe_hdr {
     u64 ts_ns; /* bpf_ktime_get_ns() */
 };
 
+/* bpfpipe_wakeup[0]: wake-up moderation (see bpfpipe.h). An mmap'able array,
+ * so the reader's per-read reset is a store, not a syscall. */
+struct bpfpipe_wakeup {
+    u64 pending_bytes;   /* ring bytes submitted since the reader last reset it (kernel adds, reader stores 0) */
+    u64 threshold_bytes; /* force a wake-up when pending_bytes reaches this; 0 = the kernel's default wake-ups */
+};
+
+/* Bytes of the ring's own header before each record (BPF_RINGBUF_HDR_SZ). */
+#define BPFPIPE_RINGBUF_HDR_BYTES 8
+
 #endif /* BPFPIPE_TYPES_H */

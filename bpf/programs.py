@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import ipaddress
 import logging
+import mmap
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "ExecProgram",
     "LoadedProgram",
     "LoadgenProgram",
+    "RingWakeup",
     "XdpFirewallProgram",
     "validate_options",
     "validate_program_name",
@@ -64,6 +66,55 @@ XDP_OPTIONS = ("interface", "mode")
 
 SHIPPED_PROGRAMS: dict[str, type[LoadedProgram]] = {}
 """Program name -> its class, for the programs in this package (filled by the declarations below)."""
+
+
+class RingWakeup:
+    """User space's side of bpfpipe.h's wake-up moderation: ``bpfpipe_wakeup[0]``, mapped.
+
+    The kernel adds each submitted record's ring bytes to ``pending_bytes`` and
+    forces a wake-up only when that reaches ``threshold_bytes`` (0: the kernel's
+    default wake-ups). The reader stores 0 in ``pending_bytes`` before each read:
+    a plain store through the mmap, no syscall. A record the kernel counted just
+    before the reset may cost one wake-up (it will not come early); the reader's
+    latency budget covers that. Field offsets come from clang's layout of
+    ``struct bpfpipe_wakeup`` (bcc's ctypes leaf), not from a second copy.
+    """
+
+    def __init__(self, map_fd: int, leaf: Any) -> None:
+        self._mmap = mmap.mmap(map_fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        words = memoryview(self._mmap).cast("Q")
+        self._words: memoryview | None = words
+        self._pending = leaf.pending_bytes.offset // 8
+        self._threshold = leaf.threshold_bytes.offset // 8
+
+    @property
+    def threshold_bytes(self) -> int:
+        return int(self._view()[self._threshold])
+
+    @property
+    def pending_bytes(self) -> int:
+        return int(self._view()[self._pending])
+
+    def set_threshold(self, threshold_bytes: int) -> None:
+        """Wake the reader once ``threshold_bytes`` of records are pending (0: on every event)."""
+        if not 0 <= threshold_bytes < 1 << 63:
+            raise ValueError(f"wake-up threshold must be 0..2**63-1 bytes, got {threshold_bytes}")
+        self._view()[self._threshold] = threshold_bytes
+
+    def reset_pending(self) -> None:
+        """The reader is about to read everything committed: count from zero again."""
+        self._view()[self._pending] = 0
+
+    def _view(self) -> memoryview:
+        if self._words is None:
+            raise RuntimeError("the wake-up map is closed")
+        return self._words
+
+    def close(self) -> None:
+        if self._words is not None:
+            self._words.release()
+            self._words = None
+            self._mmap.close()
 
 
 class LoadedProgram:
@@ -114,6 +165,8 @@ class LoadedProgram:
         self.event_names = event_names
         self.options = dict(options)
         self.ring_map_fd: int = bpf[b"events"].map_fd
+        self.ring_wakeup: RingWakeup | None = _open_wakeup(bpf)
+        """Wake-up moderation (None: the program does not include bpfpipe.h's helpers)."""
         self._detachers = detachers
         self._detached = False
         self._closed = False
@@ -224,6 +277,8 @@ class LoadedProgram:
             return
         self.detach()
         self._closed = True
+        if self.ring_wakeup is not None:
+            self.ring_wakeup.close()
         self.bpf.cleanup()
         atexit.unregister(self.bpf.cleanup)
 
@@ -232,6 +287,14 @@ class LoadedProgram:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _open_wakeup(bpf: Any) -> RingWakeup | None:
+    try:
+        table = bpf[b"bpfpipe_wakeup"]
+    except KeyError:
+        return None
+    return RingWakeup(table.map_fd, table.Leaf)
 
 
 # -- the shipped programs: one declaration each -------------------------------------
