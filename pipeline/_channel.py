@@ -218,13 +218,7 @@ class BatchSender:
             if self._admits:
                 ctx.budget.release(n)
             raise
-        edge.sent_batches += 1
-        edge.sent_events += n
-        depth = edge.send_channel.statistics().current_buffer_used
-        if depth > edge.peak_depth:
-            edge.peak_depth = depth
-        ctx.stats.sent_batches += 1
-        ctx.stats.sent_events += n
+        self._sent(n)
 
     def send_would_block(self) -> bool:
         return self._edge.depth >= self._edge.capacity
@@ -262,13 +256,19 @@ class BatchSender:
             ctx.budget.admit_nowait(n, nbytes)
         edge.queued_events += n
         edge.queued_bytes += nbytes
+        self._sent(n)
+
+    def _sent(self, n: int) -> None:
+        """Count a completed send of ``n`` events."""
+        edge = self._edge
         edge.sent_batches += 1
         edge.sent_events += n
         depth = edge.send_channel.statistics().current_buffer_used
         if depth > edge.peak_depth:
             edge.peak_depth = depth
-        ctx.stats.sent_batches += 1
-        ctx.stats.sent_events += n
+        stats = self._ctx.stats
+        stats.sent_batches += 1
+        stats.sent_events += n
 
     async def aclose(self) -> None:
         await self._edge.send_channel.aclose()
