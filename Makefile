@@ -40,6 +40,8 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/ringbuf.py
 	$(BIN)/python bench/overload.py
+	$(BIN)/python bench/efficiency.py
+	$(BIN)/python bench/batch_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

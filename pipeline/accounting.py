@@ -126,6 +126,8 @@ class Ledger:
     produced: int = 0
     produced_weight: float = 0.0
     _outcomes: dict[OutcomeKey, Tally] = field(default_factory=dict)
+    _tallies: dict[tuple[Outcome, str, str], Tally] = field(default_factory=dict, repr=False, compare=False)
+    """The same tallies by plain tuple: a lookup per batch without building an OutcomeKey."""
 
     def record_produced(self, count: int, weight: float | None = None) -> None:
         if count < 0:
@@ -146,10 +148,10 @@ class Ledger:
             raise ValueError(f"outcome count must be >= 0, got {count}")
         if count == 0 and not weight:
             return
-        key = OutcomeKey(outcome, stage, reason)
-        tally = self._outcomes.get(key)
+        tally = self._tallies.get((outcome, stage, reason))
         if tally is None:
-            tally = self._outcomes[key] = Tally()
+            tally = self._outcomes[OutcomeKey(outcome, stage, reason)] = Tally()
+            self._tallies[outcome, stage, reason] = tally
         tally.add(count, float(count) if weight is None else weight)
 
     @property

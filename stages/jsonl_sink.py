@@ -98,10 +98,29 @@ def rfc3339_times(ts_ns: npt.NDArray[Any], offset_ns: int) -> list[str | None]:
     """``ts_ns + offset_ns`` as RFC 3339 UTC strings with nanoseconds
     (``2026-12-02T18:20:00.123456789Z``), ``None`` where the sum is outside
     ``[0, 2**63)``. ``ts_ns`` is an integer array. Vectorised: about 70 ns per event,
-    most of it making the Python strings."""
+    most of it making the Python strings, plus about 18 µs per call in numpy calls;
+    so up to ``_FEW_TIMES`` events (a trickle's batch) are formatted one by one."""
     n = len(ts_ns)
     if n == 0:
         return []
+    if n <= _FEW_TIMES:
+        return [_rfc3339_one(t + offset_ns) for t in ts_ns.tolist()]
+    return _rfc3339_vectorised(ts_ns, offset_ns)
+
+
+_FEW_TIMES = 8
+"""Up to this many times, formatting them one by one (about 1.5 µs each) is cheaper."""
+
+
+def _rfc3339_one(wall_ns: int) -> str | None:
+    if not 0 <= wall_ns <= _INT64_MAX:
+        return None
+    seconds, fraction = divmod(wall_ns, 1_000_000_000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{fraction:09d}Z"
+
+
+def _rfc3339_vectorised(ts_ns: npt.NDArray[Any], offset_ns: int) -> list[str | None]:
+    n = len(ts_ns)
     info = np.iinfo(ts_ns.dtype)
     low, high = max(-offset_ns, int(info.min)), min(_INT64_MAX - offset_ns, int(info.max))
     if low > high:

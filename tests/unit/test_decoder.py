@@ -233,3 +233,41 @@ def test_schema_validation_names_the_problem():
     with pytest.raises(ValueError, match="smaller than"):
         EventSchema({3: np.dtype([("type", "<u2")])}, {}, HEADER)
     assert SCHEMA.name(1) == "exec" and SCHEMA.name(42) == "type42"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_small_batches_decode_as_the_general_path_does(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to ``_FEW_RECORDS`` records the decoder checks them in Python; the result must be
+    the vectorised path's, for well-formed and malformed batches alike."""
+    import stages.decoder
+
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        n = int(rng.integers(1, stages.decoder._FEW_RECORDS + 1))
+        payloads = []
+        for i in range(n):
+            kind = rng.random()
+            if kind < 0.7:
+                payloads.append(exec_events(1, rate=int(rng.integers(1, 4)), start=i).tobytes())
+            elif kind < 0.85:
+                payloads.append(tick(i).tobytes())
+            elif kind < 0.95:
+                payloads.append(exec_events(1).tobytes()[: int(rng.integers(1, EXEC.itemsize))])  # short
+            else:
+                payloads.append(tick(i).tobytes().replace(b"\x02", b"\x09", 1))  # unknown type
+        batch = reader_batch(payloads, start_pos=int(rng.integers(0, 1 << 10)) * 8)
+        few = decode_records(batch)
+        monkeypatch.setattr(stages.decoder, "_FEW_RECORDS", 0)
+        general = decode_records(batch)
+        monkeypatch.undo()
+        assert (few.malformed, few.malformed_weight) == (general.malformed, general.malformed_weight)
+        assert len(few.batches) == len(general.batches)
+        for a, b in zip(few.batches, general.batches, strict=True):
+            assert a.events.dtype == b.events.dtype and a.events.tobytes() == b.events.tobytes()
+            assert a.weights.tolist() == b.weights.tolist()
+            assert (a.source, a.seq, a.read_time_ns, a.event_name) == (
+                b.source,
+                b.seq,
+                b.read_time_ns,
+                b.event_name,
+            )

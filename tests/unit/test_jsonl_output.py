@@ -430,3 +430,25 @@ def test_a_line_output_on_a_fresh_file_counts_its_bytes(tmp_path: Path) -> None:
 
     out = trio.run(main)
     assert out.size_bytes == 5 == (tmp_path / "a" / "b.jsonl").stat().st_size
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64, np.uint32, np.int32])
+def test_few_times_are_formatted_as_the_vectorised_path_does(dtype: type) -> None:
+    """Up to ``_FEW_TIMES`` timestamps are formatted one by one: same strings, same ``None``s."""
+    from stages.jsonl_sink import _FEW_TIMES, _INT64_MAX, _rfc3339_vectorised, rfc3339_times
+
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    edges = [int(info.min), int(info.max), 0, 1, max(int(info.min), -1)]
+    offsets = [1_764_700_000_000_000_000, 0, -1_764_700_000_000_000_000, _INT64_MAX, -_INT64_MAX - 1]
+    for _ in range(500):
+        n = int(rng.integers(1, _FEW_TIMES + 1))
+        values = [
+            edges[int(rng.integers(len(edges)))]
+            if rng.random() < 0.3
+            else int(rng.integers(info.min, info.max, dtype=dtype, endpoint=True))
+            for _ in range(n)
+        ]
+        ts = np.array(values, dtype=dtype)
+        for offset in [*offsets, int(rng.integers(-(1 << 63), (1 << 63) - 1))]:
+            assert rfc3339_times(ts, offset) == _rfc3339_vectorised(ts, offset)
