@@ -86,6 +86,9 @@ RSS_FLAT_TOLERANCE_MIB = 5.0
 SETTLE_TARGET_S = 5.0
 ESTIMATE_TARGET_PCT = 2.0
 SETTLE_BAND = 0.2
+DELIVERED_TARGET_FRACTION = 0.9
+"""Once settled, a sampled run delivers at least this fraction of the sink's capacity."""
+MEAN_AGE_TARGET_S = 0.1
 SINK_HIGH_FILL = 0.75
 SOURCE_KEPT_FRACTION = 0.95
 
@@ -332,8 +335,16 @@ def settle_summary(
     first_i = next(i for i, s in enumerate(samples) if s["t"] >= min(WARMUP_S, duration / 2))
     after = range(max(1, first_i), len(samples))
     second_half = [s["sample_rate"] for s in samples if s["t"] >= duration / 2]
+    settle_s = settled_from(samples, in_band, strict)
+    # Delivered from settling (or the second half, if it never settled) to the end.
+    from_t = duration / 2 if settle_s is None else settle_s
+    since = next(i for i, s in enumerate(samples) if s["t"] >= from_t)
+    span = samples[-1]["t"] - samples[since]["t"]
+    delivered = (samples[-1]["delivered"] - samples[since]["delivered"]) / span if span > 0 else 0.0
     return {
-        "settle_s": settled_from(samples, in_band, strict),
+        "settle_s": settle_s,
+        "delivered_per_s_once_settled": round(delivered),
+        "delivered_fraction_of_sink_once_settled": round(delivered / sink_per_s, 3),
         "settle_s_one_step": settled_from(samples, in_step, loose),
         "reference_sample_rate": reference,
         "band_20pct": [lo, hi],
@@ -520,6 +531,13 @@ def targets(out: dict[str, Any], sampled: bool) -> dict[str, Any]:
             "value": settle,
             "met": settle is not None and settle < SETTLE_TARGET_S,
         }
+        fraction = out["sampler"]["delivered_fraction_of_sink_once_settled"]
+        result["delivers_90_pct_of_sink_once_settled"] = {
+            "value": fraction,
+            "met": fraction >= DELIVERED_TARGET_FRACTION,
+        }
+        age = out["delivered"]["mean_age_s"]
+        result["mean_age_below_0_1_s"] = {"value": age, "met": age is not None and age < MEAN_AGE_TARGET_S}
         err = out["estimate"]["error_pct"]
         result["estimate_within_2_pct"] = {
             "value": err,
@@ -560,6 +578,12 @@ def definitions(args: argparse.Namespace) -> dict[str, str]:
             "N_ref (band_one_step: floor(1/(1/N_ref + 0.05)) .. 2 N_ref) and (b)+(c) replaced by: the "
             "sampler sends at most 1.05 x sink capacity. A limit cycle between two adjacent AIMD "
             "rates passes it."
+        ),
+        "delivered_once_settled": (
+            "sampled runs: delivered events from the monitor sample at settle_s (or, not settled, from "
+            "half the run) to the last one, per second, and as a fraction of the sink's capacity; "
+            f"the target is >= {DELIVERED_TARGET_FRACTION:g}, with the mean age (see age) < "
+            f"{MEAN_AGE_TARGET_S:g} s"
         ),
         "intervals_ok_after_first_window": (
             "fraction of the 0.5 s intervals after the first min(10 s, half) where N was in the 20% "

@@ -44,14 +44,19 @@ A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
   it can take. The last (up to :data:`CAPACITY_WINDOW_PERIODS`) consecutive bound
   periods in which it took something *measure* ``C_L`` = consumed events / time, once
   they hold :data:`MIN_CAPACITY_BATCHES` batches; a measurement sets ``learned ←
-  ⌈r / (h·C_L)⌉``, the rate that fits with headroom, so a backlog drains. Otherwise
+  ⌈r / (h'·C_L)⌉`` with ``h' = 1 - cap_hysteresis/2``: the rate that fits with half
+  the hysteresis as headroom, so a backlog drains and the consumer is kept busy:
+  ``D ≥ h'·C_L·r / (r + h'·C_L)``, ``0.87·C_L`` at ``r = 10·C_L`` and ``0.9·C_L``
+  from ``r = 18·C_L`` (the top of the band left it up to 19 % idle). Otherwise
   ``learned`` stays in ``[⌈r / C_L⌉, ⌈r / (h·C_L)⌉]`` and, when it must move, moves
-  to the top of it: it rises only once ``N`` would send more than ``C_L``.
+  to ``⌈r / (h'·C_L)⌉``: it rises only once ``N`` would send more than ``C_L``.
   *Probing*: after a measurement, ``capacity_hold_periods`` relieved periods pass
   (the *hold*), then each relieved period in which the backlog is at most a batch
-  grows ``C_L`` by ``capacity_growth``; sending more than the consumer takes then
-  shows as a bound period, which measures it again. A measurement within
-  :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
+  grows ``C_L`` by ``capacity_growth``, but not past ``max_events_per_sec / h'`` if a
+  cap is set (there ``learned`` sends ``h'`` of the cap: beyond it the cap limits what
+  is sent, and probing would only overrun a consumer no faster than the cap). Sending
+  more than the consumer takes then shows as a bound period, which measures it again.
+  A measurement within :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
   :data:`MAX_HOLD_FACTOR` times); one that differs resets it. ``C_L`` is forgotten
   after ``capacity_hold_periods`` relieved periods in a row in which ``learned`` did
   not hold ``N`` up (e.g. at ``N = min_sample_rate``).
@@ -62,7 +67,11 @@ A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
   taken as at least the last unpressured period's): ``learned`` makes the jump. So it
   doubles for a stalled consumer, lag alone, and a source held back by the pressure.
   Relieved: the keep fraction rises additively, ``aimd ← ⌊1 / (1/aimd +
-  increase_step)⌋``, once per whole period elapsed. Otherwise it holds.
+  increase_step)⌋``, once per whole period elapsed. Otherwise it holds. Then, in an
+  unpressured period with ``C_L`` known in which the backlog did not grow by more than
+  a batch, ``aimd ← min(aimd, learned)``: ``r`` is complete (no pressure held the source
+  back) and ``learned`` fits the consumer, so what the doubling overshot while a blocked
+  source hid ``r`` goes at once, not relief by relief once the backlog has drained.
 * ``cap`` — with ``C = max_events_per_sec > 0``: ``cap ← clamp(cap, ⌈r / C⌉,
   ⌈r / (h·C)⌉)``. It rises at once to meet the cap and falls only as far as leaves
   ``cap_hysteresis`` headroom, so an input rate near a boundary does not make ``N`` flap.
@@ -78,7 +87,7 @@ Numbers at defaults: period 0.5 s, ``decrease_factor`` 0.5, ``increase_step`` 0.
   capacity. With a stalled consumer, or from lag alone, ``N`` doubles each period and
   reaches the bound from any ``N`` within ``⌈log(max_sample_rate) / log(1 /
   decrease_factor)⌉`` periods (10). A period that measures ``C_L`` with a complete
-  ``r`` sets ``N ≥ ⌈r / (h·C_L)⌉`` at once.
+  ``r`` sets ``N ≥ ⌈r / (h'·C_L)⌉`` at once.
 * **Recovers.** Once fill and lag are at or below the low watermarks and ``r ≤ h·C``
   for ``C = min(max_events_per_sec, C_L)`` (those set; or neither), ``N`` is back to
   ``min_sample_rate`` within ``⌈0.5 / increase_step⌉ + 1`` periods (11: 5.5 s) from
@@ -97,6 +106,8 @@ Numbers at defaults: period 0.5 s, ``decrease_factor`` 0.5, ``increase_step`` 0.
   with a source that reports its losses or one that blocks: within 20 periods (10 s)
   ``N`` settles in ``[⌈r/C⌉, ⌈r/(h·C)⌉]`` — delivered ``D ∈ [0.81·C, C]``, ``N`` at
   most 22 % above ``r/C`` — and does not move for ``capacity_hold_periods`` (10 s).
+  (While a blocking source hides ``r`` the doubling may overshoot the band up to
+  twice; ``min(aimd, learned)`` brings ``N`` back in the first unpressured period.)
   After that it only moves to probe: a probe sends at most ``1.1·C``
   (``N ≥ ⌊r / (1.1·C)⌋``), returns to the band, and makes at most
   ``⌈log(1.1/h) / log(1 + capacity_growth)⌉ + 2`` changes (13); probes back off to
@@ -106,6 +117,13 @@ Numbers at defaults: period 0.5 s, ``decrease_factor`` 0.5, ``increase_step`` 0.
   down to ``⌈r / (h·k·C)⌉`` within ``MAX_HOLD_FACTOR · capacity_hold_periods +
   ⌈log k / log(1 + capacity_growth)⌉ + 3`` periods (``k = 2``: 199 periods, 100 s,
   at most; 59 periods after a measurement that reset the hold).
+* **Hard cap.** With ``C = max_events_per_sec > 0`` the stage passes what ``N`` keeps
+  through a :class:`RateCapBucket` of ``C`` tokens a second and a burst of ``B =
+  max(1, C·adjust_period_s)``, full at the start: over any interval ``Δt``, from the
+  first event on, at most ``B + C·Δt + 1`` events are delivered (at ``C = 1/s``: 2 in
+  the first period). Each event passes it with a known probability ``q`` and the kept
+  ones' weights are divided by ``q``, so weighted totals stay unbiased. ``N`` keeps the
+  mean under ``C`` once set, so the bucket stays full and trims nothing but bursts.
 * **Reports once.** :meth:`~SamplingPolicy.tick` returns a :class:`RateChange`
   exactly when ``N`` changes, else ``None``; the shell logs each change once.
 """
@@ -119,6 +137,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "CAPACITY_TOLERANCE",
@@ -127,6 +147,7 @@ __all__ = [
     "MIN_CAPACITY_BATCHES",
     "ChangeReason",
     "DownstreamCapacity",
+    "RateCapBucket",
     "RateChange",
     "SamplingParams",
     "SamplingPolicy",
@@ -369,6 +390,11 @@ class SamplingPolicy:
         else:
             self._unpressured_input_per_s = input_per_s
 
+        if p.cap_per_s > 0:
+            low = offered_per_s / p.cap_per_s
+            self._cap = max(1, min(max(self._cap, math.ceil(low)), math.ceil(low / h), p.max_sample_rate))
+        self._update_learned(offered_per_s, h, measured)
+
         if pressured:
             # The input rate is complete if the source reported its losses, or if the pressure
             # just began (``offered_per_s`` is then from before it); a source held back by it
@@ -387,12 +413,14 @@ class SamplingPolicy:
                 self._aimd = max(p.min_sample_rate, math.floor(1.0 / keep))
             if self._backlog <= batch:  # probe further only while the consumer keeps up
                 self.capacity.relieved(periods)
+        fits = not pressured and not backlog_grew and self.capacity.per_s is not None
+        if fits and self._aimd > self._learned:
+            # Unpressured, ``r`` is complete and the consumer keeps up: ``learned`` fits, so what
+            # AIMD overshot by while a blocked source hid ``r`` goes at once, not relief by relief.
+            self._aimd = max(p.min_sample_rate, self._learned)
+        else:
+            fits = False
         self._pressured = pressured
-
-        if p.cap_per_s > 0:
-            low = offered_per_s / p.cap_per_s
-            self._cap = max(1, min(max(self._cap, math.ceil(low)), math.ceil(low / h), p.max_sample_rate))
-        self._update_learned(offered_per_s, h, measured)
 
         self.rate = min(p.max_sample_rate, max(self._aimd, self._cap, self._learned, p.min_sample_rate))
         holds_n_up = self._learned > max(self._aimd, self._cap, p.min_sample_rate)
@@ -404,7 +432,7 @@ class SamplingPolicy:
         limit = max(self._cap, self._learned)
         if pressured and self.rate > old:
             reason = ChangeReason.PRESSURE
-        elif limit > self._aimd or (self.rate < old and old_limit > old_aimd):
+        elif limit > self._aimd or (self.rate < old and (fits or old_limit > old_aimd)):
             learned_binds = self.capacity.per_s is not None and self._learned >= self._cap
             reason = ChangeReason.CAPACITY if learned_binds else ChangeReason.CAP
         else:
@@ -412,14 +440,15 @@ class SamplingPolicy:
         return RateChange(now, old, self.rate, reason, fill, lag_s, input_per_s, self.capacity.per_s)
 
     def _update_learned(self, input_per_s: float, h: float, measured: bool) -> None:
-        """``learned`` stays in ``[⌈r/C_L⌉, ⌈r/(h·C_L)⌉]``; when it moves, to the top."""
+        """``learned`` stays in ``[⌈r/C_L⌉, ⌈r/(h·C_L)⌉]``; when it moves, to ``⌈r/(h'·C_L)⌉``."""
         if self.capacity.per_s is None:
             self._learned = 1
             return
         low = input_per_s / self.capacity.per_s
         top = max(1, min(math.ceil(low / h), self.params.max_sample_rate))
         if measured or not math.ceil(low) <= self._learned <= top:
-            self._learned = top
+            aim = 1.0 - self.params.cap_hysteresis / 2
+            self._learned = max(1, min(math.ceil(low / aim), self.params.max_sample_rate))
 
 
 class DownstreamCapacity:
@@ -482,8 +511,13 @@ class DownstreamCapacity:
         waited = min(periods, self._hold)
         self._hold -= waited
         growing = min(periods - waited, 1000)
-        if growing and self.params.capacity_growth > 0:
+        # Not past the cap (with the headroom h' left below C_L): there the cap, not the
+        # consumer, limits what is sent.
+        cap = self.params.cap_per_s / (1.0 - self.params.cap_hysteresis / 2)
+        if growing and self.params.capacity_growth > 0 and not 0 < cap <= self.per_s:
             self.per_s *= (1.0 + self.params.capacity_growth) ** growing
+            if cap > 0:
+                self.per_s = min(self.per_s, cap)
 
     def unused(self, periods: int) -> bool:
         """``periods`` relief periods in which ``C_L`` did not hold N up (0: it did, or no
@@ -496,3 +530,39 @@ class DownstreamCapacity:
             return False
         self._forget()
         return True
+
+
+class RateCapBucket:
+    """Holds the delivered rate to ``max_events_per_sec`` from the first event, before the
+    policy has measured anything (see "Hard cap" in the module docstring).
+
+    A token bucket of ``per_s`` tokens a second, up to ``burst``, full at the start. A batch
+    of ``count`` events gets the keep fraction ``q = min(1, tokens / count)`` and costs
+    ``q·count`` tokens; which events are kept is a *systematic* sample along the stream:
+    event ``j`` is kept when ``phase + q·j`` passes an integer, ``phase`` carried from batch
+    to batch and uniform at the start. So each event is kept with probability exactly ``q``
+    (the weights of the kept ones, divided by ``q``, stay unbiased), and the events kept over
+    any stretch of batches are their tokens rounded down from ``phase``: at most one more."""
+
+    def __init__(self, per_s: float, burst: float, *, now: float, phase: float) -> None:
+        if per_s <= 0 or burst < 1 or not 0 <= phase < 1:
+            raise ValueError(f"need per_s > 0, burst >= 1, 0 <= phase < 1; got {per_s}, {burst}, {phase}")
+        self.per_s = per_s
+        self.burst = burst
+        self.tokens = burst
+        self.phase = phase
+        self._last = now
+
+    def keep(self, count: int, now: float) -> tuple[float, npt.NDArray[np.bool_] | None]:
+        """The keep fraction ``q`` for a batch of ``count`` events arriving at ``now``, and which
+        of them to keep (None: all of them, ``q = 1``)."""
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self._last) * self.per_s)
+        self._last = max(self._last, now)
+        if count <= self.tokens:
+            self.tokens -= count
+            return 1.0, None
+        q = self.tokens / count
+        self.tokens = 0.0
+        marks = np.floor(self.phase + q * np.arange(count + 1))
+        self.phase = float(self.phase + q * count - marks[-1])
+        return q, np.diff(marks) > 0

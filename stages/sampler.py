@@ -48,6 +48,18 @@ as ``Outcome.USER_SAMPLED_OUT`` (reason ``adaptive sampling``). At ``N = 1`` and
 whenever every weight is at least ``N``, batches pass untouched without drawing
 random numbers.
 
+The rate cap from the first event
+---------------------------------
+``N`` acts on measured rates, so it cannot hold ``max_events_per_sec`` before its
+first adjustment. A :class:`pipeline.sampling.RateCapBucket` (a period's worth of
+burst) therefore trims what ``N`` keeps, per batch: it keeps each event with the
+batch's probability ``q`` and divides the kept ones' weights by ``q``, so weighted
+totals stay unbiased; what it drops is ``USER_SAMPLED_OUT`` (reason ``adaptive
+sampling``; ``SamplerStatistics.rate_capped_events`` counts them apart). A batch
+arriving the very instant the bucket emptied (``q = 0``) has no event to carry its
+weight: the next events that pass carry it. Once ``N`` holds the cap the bucket is
+(nearly) full and batches pass it untouched.
+
 Timing: a task in the stage runs one policy adjustment every ``adjust_period_s``
 on trio's clock, also while the stage is blocked sending (that is when the fill is
 most telling). Each change of ``N`` is logged once (logger ``bpfpipe.sampler``)
@@ -59,9 +71,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import trio
 
 import pipeline
@@ -76,7 +90,7 @@ from pipeline import (
     StageContext,
 )
 from pipeline.accounting import LedgerSnapshot
-from pipeline.sampling import RateChange, SamplingParams, SamplingPolicy
+from pipeline.sampling import RateCapBucket, RateChange, SamplingParams, SamplingPolicy
 
 __all__ = ["AdaptiveSampler", "AdaptiveSamplerConfig", "SamplerStatistics"]
 
@@ -105,6 +119,8 @@ class SamplerStatistics:
     capacity_per_s: float | None = None
     """The learned capacity of the consumer downstream, events/s (None: not learned)."""
     capacity_measurements: int = 0
+    rate_capped_events: int = 0
+    """Of ``user_sampled_out_events``'s kind, those the rate cap's bucket dropped (not counted there)."""
 
 
 LOST_UPSTREAM = (Outcome.DRAINED, Outcome.LOST_ON_RESERVE)
@@ -159,8 +175,20 @@ class AdaptiveSampler(Stage):
         self.gates: list[SamplingGate] = []
         self._rng = np.random.default_rng(config.seed)
         self._sampled_out = 0
+        self._capped_out = 0
+        self._carried_weight = 0.0
+        self._bucket = self._new_bucket(now=0.0)
         self._flows = _Flows()
         self._last_change: RateChange | None = None
+
+    def _new_bucket(self, *, now: float) -> RateCapBucket | None:
+        cap = self.config.cap_per_s
+        if cap <= 0:
+            return None
+        # A period's worth of burst: the policy's N keeps the mean under the cap, the bucket
+        # only trims what comes before N has been set, or a burst beyond a period's worth.
+        burst = max(1.0, cap * self.config.adjust_period_s)
+        return RateCapBucket(cap, burst, now=now, phase=float(self._rng.random()))
 
     @property
     def sample_rate(self) -> int:
@@ -187,6 +215,7 @@ class AdaptiveSampler(Stage):
             last_change=self._last_change,
             capacity_per_s=self.policy.capacity_per_s,
             capacity_measurements=self.policy.capacity.measurements,
+            rate_capped_events=self._capped_out,
         )
 
     async def run(
@@ -196,7 +225,9 @@ class AdaptiveSampler(Stage):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        policy = self.policy = SamplingPolicy(self.config, now=trio.current_time())
+        now = trio.current_time()
+        policy = self.policy = SamplingPolicy(self.config, now=now)
+        self._bucket = self._new_bucket(now=now)
         self._push(policy.rate)
         self._flows = self._read_flows(tx)
         async with trio.open_nursery() as nursery:
@@ -205,13 +236,20 @@ class AdaptiveSampler(Stage):
             async for batch in rx:
                 lag_s = (time.monotonic_ns() - batch.read_time_ns) / 1e9
                 policy.observe(fill=tx.fill, lag_s=lag_s, weighted_events=batch.weight_sum)
-                out = self.sample(batch)
+                out = self.sample(batch, trio.current_time())
                 if out is not None:
                     await tx.send(out)
             nursery.cancel_scope.cancel()
 
-    def sample(self, batch: Batch) -> Batch | None:
-        """Apply the current rate to one batch (vectorised); record what it drops."""
+    def sample(self, batch: Batch, now: float) -> Batch | None:
+        """Apply the current rate, then the rate cap's bucket, to one batch arriving at
+        ``now`` (trio's clock) (vectorised); record what they drop."""
+        out = self._sample_rate(batch)
+        if out is None or self._bucket is None:
+            return out
+        return self._cap_rate(out, now)
+
+    def _sample_rate(self, batch: Batch) -> Batch | None:
         n = self.policy.rate
         weights = batch.weights
         if n == 1 or len(batch) == 0 or weights.min() >= n:
@@ -230,6 +268,38 @@ class AdaptiveSampler(Stage):
         if not kept:
             return None
         return batch.replace(events=batch.events[keep], weights=np.maximum(weights[keep], float(n)))
+
+    def _cap_rate(self, batch: Batch, now: float) -> Batch | None:
+        assert self._bucket is not None
+        q, keep = self._bucket.keep(len(batch), now)
+        if keep is None:
+            return self._carry(batch, batch.events, batch.weights)
+        weights = batch.weights
+        kept = int(np.count_nonzero(keep))
+        dropped = len(batch) - kept
+        self._capped_out += dropped
+        # Sampled out (same outcome and reason as N's draws; statistics count them apart):
+        # each was kept with probability q, and the kept ones carry the rest (weight / q).
+        self.ctx.record(
+            Outcome.USER_SAMPLED_OUT, dropped, float(weights[~keep].sum()), reason=SAMPLED_OUT_REASON
+        )
+        if q == 0:
+            # The bucket emptied this very instant: nothing here can carry the weight, so the
+            # next events that pass carry it.
+            self._carried_weight += float(weights.sum())
+        if not kept:
+            return None
+        return self._carry(batch, batch.events[keep], weights[keep] / q)
+
+    def _carry(self, batch: Batch, events: npt.NDArray[Any], weights: npt.NDArray[np.float64]) -> Batch:
+        """``batch`` with these events and weights, the weights scaled up by any weight carried
+        from ``q = 0`` batches."""
+        if self._carried_weight and len(weights):
+            weights = weights * (1.0 + self._carried_weight / float(weights.sum()))
+            self._carried_weight = 0.0
+        if events is batch.events and weights is batch.weights:
+            return batch
+        return batch.replace(events=events, weights=weights)
 
     def _read_flows(self, tx: BatchSender) -> _Flows:
         # Losses of the sources upstream only: with several chains in one ledger, or

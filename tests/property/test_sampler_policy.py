@@ -12,13 +12,15 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from pipeline.sampling import (
     MAX_HOLD_FACTOR,
     ChangeReason,
+    RateCapBucket,
     RateChange,
     SamplingParams,
     SamplingPolicy,
@@ -195,7 +197,7 @@ def test_a_period_that_measures_the_capacity_jumps_to_the_rate_that_fits(
     # The consumer took `capacity` a second, in enough batches to measure; we sent more.
     sim.run(Step(1.0, 0.0, ratio * capacity, 1, capacity, 2 * capacity, capacity * PERIOD / 10))
     assert sim.policy.capacity_per_s == pytest.approx(capacity)
-    fits = math.ceil(ratio / (1 - p.cap_hysteresis) - 1e-9)
+    fits = math.ceil(ratio / (1 - p.cap_hysteresis / 2) - 1e-9)  # h' = 0.95: half the hysteresis
     assert sim.policy.rate >= min(p.max_sample_rate, max(fits, before))
     assert sim.policy.rate <= max(fits, before + 1, 1)
 
@@ -471,6 +473,16 @@ def settled_at(rates: list[int], lo: int, hi: int, hold: int) -> int | None:
 
 
 @given(settings_)
+@example(  # AIMD doubled past the band while a blocked source hid r, then held N until relief
+    Setting(
+        capacity_per_s=100.0,
+        ratio=395.0,
+        room_periods=2.0,
+        batch_periods=0.0625,
+        reports_losses=False,
+        pressure_first=1,
+    )
+)
 def test_converges_to_a_learned_capacity_and_stays(s: Setting) -> None:
     p = SamplingParams()
     sim = s.start(p)
@@ -535,10 +547,11 @@ def test_the_input_rate_counts_what_the_source_lost() -> None:
 def test_a_learned_capacity_is_forgotten_once_unused() -> None:
     p = SamplingParams()
     sim = Sim(p)
-    # One pressured period measures 1000 events/s at 10 000/s offered: N jumps to 12.
+    # One pressured period measures 1000 events/s at 10 000/s offered: N jumps to
+    # ceil(10 000 / (0.95 x 1000)) = 11.
     sim.run(Step(1.0, 0.0, 10_000, 1, 1000, 2000, 10))
     assert sim.policy.capacity_per_s == 1000
-    assert sim.policy.rate == 12
+    assert sim.policy.rate == 11
     assert sim.reports[-1].reason is ChangeReason.PRESSURE
     # The input falls to what the consumer takes with headroom: N back to 1, and the
     # capacity is forgotten after capacity_hold_periods relieved periods at N = 1.
@@ -551,5 +564,91 @@ def test_a_learned_capacity_is_forgotten_once_unused() -> None:
     sim.run(Step(1.0, 0.0, 10_000, 1, 1000, 2000, 10))
     sim.run(quiet(p, 800))
     sim.run(quiet(p, 5000))
-    assert sim.policy.rate == 6  # 5000 / (0.9 x 1000), no pressure needed
+    assert sim.policy.rate == 6  # 5000 / (0.95 x 1000), no pressure needed
     assert sim.reports[-1].reason is ChangeReason.CAPACITY
+
+
+# -- the rate cap's bucket ------------------------------------------------------------------------
+
+arrivals = st.lists(
+    st.tuples(st.integers(min_value=0, max_value=5000), st.floats(min_value=0, max_value=2)),
+    max_size=40,
+)
+"""Batches: (events, seconds since the previous batch)."""
+
+
+@given(
+    per_s=st.floats(min_value=1e-3, max_value=1e5),
+    burst_periods=st.floats(min_value=0, max_value=2),
+    phase=st.floats(min_value=0, max_value=1, exclude_max=True),
+    batches=arrivals,
+)
+def test_the_cap_holds_from_the_first_event_over_any_interval(
+    per_s: float, burst_periods: float, phase: float, batches: list[tuple[int, float]]
+) -> None:
+    burst = max(1.0, per_s * burst_periods)
+    bucket = RateCapBucket(per_s, burst, now=0.0, phase=phase)
+    now, kept, times = 0.0, [], []
+    for count, dt in batches:
+        now += dt
+        q, keep = bucket.keep(count, now)
+        assert 0 <= q <= 1
+        assert (keep is None) == (q == 1)
+        n = count if keep is None else int(np.count_nonzero(keep))
+        assert keep is None or len(keep) == count
+        assert abs(n - q * count) <= 1  # (< 1 but for rounding of the carried phase)
+        kept.append(n)
+        times.append(now)
+    # Any run of batches: at most the burst, the refill over its span, and one for the phase.
+    for i, j in itertools.combinations_with_replacement(range(len(kept)), 2):
+        assert sum(kept[i : j + 1]) <= burst + per_s * (times[j] - times[i]) + 1 + 1e-6
+
+
+@given(
+    per_s=st.floats(min_value=1, max_value=1e4),
+    batches=arrivals,
+)
+def test_the_cap_keeps_each_event_with_probability_q(per_s: float, batches: list[tuple[int, float]]) -> None:
+    # The keep fractions do not depend on the phase, and over phases spread evenly on [0, 1)
+    # each event is kept in a fraction q of them (to within one phase): weights / q are unbiased.
+    phases = 200
+    runs = []
+    for k in range(phases):
+        bucket = RateCapBucket(per_s, max(1.0, per_s / 2), now=0.0, phase=k / phases)
+        now, run = 0.0, []
+        for count, dt in batches:
+            now += dt
+            q, keep = bucket.keep(count, now)
+            run.append((q, np.ones(count, bool) if keep is None else keep))
+        runs.append(run)
+    for b in range(len(batches)):
+        qs = {run[b][0] for run in runs}
+        assert max(qs) - min(qs) < 1e-9
+        frequency = np.mean([run[b][1] for run in runs], axis=0)
+        assert np.all(np.abs(frequency - runs[0][b][0]) <= 1 / phases + 1e-9)
+
+
+def test_a_cap_of_one_a_second_passes_one_event_in_the_first_half_second() -> None:
+    bucket = RateCapBucket(1.0, 1.0, now=0.0, phase=0.5)
+    kept = 0
+    for i in range(3000):  # 3 M events in 0.5 s, in batches of 1000
+        _, keep = bucket.keep(1000, i * 0.5 / 3000)
+        kept += 1000 if keep is None else int(np.count_nonzero(keep))
+    assert kept <= 2
+
+
+def test_probing_stops_at_the_cap() -> None:
+    # The consumer measured at 900/s under a cap of 1000/s: probing may find up to the cap
+    # (with the 5 % headroom left below C_L), not past it: there the cap, not the consumer,
+    # limits what is sent. N never falls below what sends 95 % of the cap.
+    p = SamplingParams(max_events_per_sec=1000)
+    sim = Sim(p)
+    sim.run(Step(1.0, 0.0, 10_000, 1, 900, 1800, 9))
+    assert sim.policy.capacity_per_s == 900
+    sim.run(Step(p.low_fill, 0.0, 10_000, 1, 2000, 0, 10))  # the backlog drains
+    for _ in range(5 * p.capacity_hold_periods):
+        sim.run(quiet(p, 10_000))
+        assert sim.policy.capacity_per_s is not None
+        assert sim.policy.capacity_per_s <= 1000 / 0.95
+        assert sim.policy.rate >= math.ceil(10_000 / (0.95 * 1000))
+    assert sim.policy.capacity_per_s == pytest.approx(1000 / 0.95)

@@ -232,7 +232,7 @@ async def test_what_the_source_loses_counts_as_offered_and_n_goes_straight_to_wh
 ) -> None:
     # 10 000 events/s offered, the sink takes 1000/s, the source loses what does not fit.
     # What arrives undercounts the offer ten times; with the losses it is exact, so N goes
-    # to ceil(10 000 / (0.9 x C)) (12 for C = 1000) once the capacity C is measured, and stays
+    # to ceil(10 000 / (0.95 x C)) (11 for C = 1000) once the capacity C is measured, and stays
     # within what fits.
     pipe = Pipeline(
         [
@@ -277,6 +277,50 @@ async def test_rate_cap_converges_as_stated(autojump_clock: trio.testing.MockClo
     rate = sum(settled) / 8.0
     assert 0.81 * 1000 * 0.95 <= rate <= 1000 * 1.05
     assert pipe.statistics().ledger.pending == 0
+
+
+async def test_the_cap_holds_from_the_first_event(autojump_clock: trio.testing.MockClock) -> None:
+    # 10 M events/s at a cap of 1/s: before the first adjustment (0.5 s) N is still 1, and
+    # 5 M events arrive; the cap's bucket (burst 1) lets at most 1 + 0.5 + 1 of them through.
+    pipe = build(
+        PacedSourceConfig(batches=1000, size=10_000, interval_s=0.001),
+        AdaptiveSamplerConfig(max_events_per_sec=1, seed=4),
+        ClockedSinkConfig(),
+    )
+    sampler = pipe.nodes[1]
+    assert isinstance(sampler, AdaptiveSampler)
+    start = trio.current_time()
+    await pipe.run()
+    sink = pipe.nodes[-1]
+    assert isinstance(sink, ClockedSink)
+    assert sum(n for t, n in sink.arrivals if t < start + 0.5) <= 2
+    assert sum(n for _, n in sink.arrivals) <= 1 + 1.0 + 1  # all of it took 1 s
+    ledger = pipe.statistics().ledger
+    assert ledger.pending == 0
+    assert ledger.total(Outcome.DELIVERED) + ledger.total(Outcome.USER_SAMPLED_OUT) == 10_000_000
+    assert sampler.statistics().rate_capped_events > 0
+
+
+async def test_what_the_cap_drops_the_kept_weights_carry(autojump_clock: trio.testing.MockClock) -> None:
+    # 100 000 events/s at a cap of 1 000/s: the bucket trims the first period (N = 1) to the
+    # burst plus the refill, and the kept events' weights still add up to what arrived.
+    pipe = build(
+        PacedSourceConfig(batches=300, size=1000, interval_s=0.01),
+        AdaptiveSamplerConfig(max_events_per_sec=1000, seed=6),
+        ClockedSinkConfig(),
+    )
+    start = trio.current_time()
+    await pipe.run()
+    sink = pipe.nodes[-1]
+    assert isinstance(sink, ClockedSink)
+    assert sum(n for t, n in sink.arrivals if t < start + 0.5) <= 500 + 500 + 1
+    ledger = pipe.statistics().ledger
+    assert ledger.pending == 0
+    sampler = pipe.nodes[1]
+    assert isinstance(sampler, AdaptiveSampler)
+    assert sampler.statistics().rate_capped_events > 0
+    # The bucket's sample is systematic (low variance): 3 % is ample.
+    assert ledger.estimated_true_count() == pytest.approx(300_000, rel=0.03)
 
 
 async def test_pressure_relief_brings_the_rate_back_to_one(autojump_clock: trio.testing.MockClock) -> None:
