@@ -66,24 +66,9 @@ ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(ROOT))
 
+from _loadgen import PACED_PRODUCER  # noqa: E402
 from _machine import machine  # noqa: E402
 
-PACED_PRODUCER = """\
-import ctypes, os, signal, sys, time
-ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the benchmark
-getppid = os.getppid
-calls_per_s = float(sys.argv[1])
-start = time.monotonic()
-done = 0
-while True:
-    due = int((time.monotonic() - start) * calls_per_s)
-    if due <= done:
-        time.sleep(0.0005)
-        continue
-    for _ in range(due - done):
-        getppid()
-    done = due
-"""
 EXEC_STORM = """\
 import ctypes, os, signal
 ctypes.CDLL(None).prctl(1, signal.SIGKILL)

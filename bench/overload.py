@@ -53,6 +53,7 @@ import trio
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from _loadgen import PACED_PRODUCER  # noqa: E402
 from _machine import machine  # noqa: E402
 from _overload_sink import RateLimitedSink  # noqa: E402
 
@@ -61,22 +62,6 @@ from pipeline.config import decode_config  # noqa: E402
 from stages.reader import RingBufferReader  # noqa: E402
 from stages.sampler import AdaptiveSampler  # noqa: E402
 
-PRODUCER = """\
-import ctypes, os, signal, sys, time
-ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the benchmark
-getppid = os.getppid
-calls_per_s = float(sys.argv[1])
-start = time.monotonic()
-done = 0
-while True:
-    due = int((time.monotonic() - start) * calls_per_s)
-    if due <= done:
-        time.sleep(0.0005)
-        continue
-    for _ in range(due - done):
-        getppid()
-    done = due
-"""
 SAMPLE_PERIOD_S = 0.5
 """Monitor period (the sampler's default adjust period); rates are taken over 1 s."""
 FILL_PROBE_S = 0.01
@@ -154,7 +139,7 @@ class Producer:
     only while the loadgen program targets it."""
 
     def __init__(self, calls_per_s: float, cpu: int | None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", PRODUCER, str(calls_per_s)])
+        self.proc = subprocess.Popen([sys.executable, "-c", PACED_PRODUCER, str(calls_per_s)])
         if cpu is not None:
             os.sched_setaffinity(self.proc.pid, {cpu})
 

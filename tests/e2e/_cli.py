@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 BPFPIPE = [sys.executable, "-m", "pipeline.cli"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "BPF_DEBUG"}}
@@ -75,19 +71,3 @@ def write_module(directory: Path, name: str, source: str) -> Path:
     path = directory / f"{name}.py"
     path.write_text(textwrap.dedent(source))
     return path
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(directory: Path, options: str = "size=64k") -> Iterator[Path]:
-    """A tmpfs at ``directory`` for the test's duration (root only): skipped without
-    root, failed under ``CI=true``, where these tests must run."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tmpfs tests need root, and CI must run them", pytrace=False)
-        pytest.skip("needs root to mount a tmpfs")
-    directory.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True)
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=True)

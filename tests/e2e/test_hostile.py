@@ -29,11 +29,11 @@ from _cli import (
     assert_accounts_balance,
     assert_one_line_error,
     bpfpipe,
-    mounted_tmpfs,
     own_lines,
     spawn,
     write_module,
 )
+from _tmpfs import mounted_tmpfs
 
 # -- hostile config files and flags ---------------------------------------------------
 

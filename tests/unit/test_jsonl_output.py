@@ -14,7 +14,6 @@ import errno
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from _tmpfs import mounted_tmpfs
 
 import pipeline.output
 from pipeline import Batch, ConfigError, LineOutput, NodeSpec, Outcome, Pipeline, SinkClosed, load_config
@@ -335,24 +335,9 @@ async def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path: Path) -
     assert [json.loads(x)["value"] for x in lines[2:]] == [100, 101]
 
 
-@contextlib.contextmanager
-def small_tmpfs(tmp_path: Path, size: str = "64k", options: str = "") -> Iterator[Path]:
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("tmpfs tests need root, and CI must run them", pytrace=False)
-        pytest.skip("needs root to mount a tmpfs")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 @pytest.mark.parametrize("sink_cls", [JsonLinesSink, SpoolSink])
 async def test_a_full_tmpfs_holds_exactly_the_delivered_lines(tmp_path: Path, sink_cls: type) -> None:
-    with small_tmpfs(tmp_path) as mnt:
+    with mounted_tmpfs(tmp_path / "mnt") as mnt:
         path = mnt / "out.jsonl"
         pipe = await run_sink(path, batches(200, 50), sink_cls)  # ~400 kB into 64 kB
         on_disk = whole_lines(path)
@@ -405,7 +390,7 @@ def test_a_read_only_path_is_a_config_error(tmp_path: Path) -> None:
     from pipeline import build_pipeline
 
     if os.geteuid() == 0:
-        with small_tmpfs(tmp_path, "16k", ",ro") as mnt:
+        with mounted_tmpfs(tmp_path / "mnt", "size=16k,ro") as mnt:
             config = load_config(str(sink_config(tmp_path, "jsonl", mnt / "out.jsonl")))
             with pytest.raises(ConfigError, match=r"cannot write: directory .* is not writable"):
                 build_pipeline(config)
