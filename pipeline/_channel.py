@@ -235,6 +235,9 @@ class BatchSender:
             raise
         edge.sending -= 1
         self._sent(n)
+        if ctx.taps:
+            for tap in ctx.taps:
+                tap(batch)
 
     def send_would_block(self) -> bool:
         return self._edge.depth >= self._edge.capacity
@@ -273,6 +276,9 @@ class BatchSender:
         edge.queued_events += n
         edge.queued_bytes += nbytes
         self._sent(n)
+        if ctx.taps:
+            for tap in ctx.taps:
+                tap(batch)
 
     def _sent(self, n: int) -> None:
         """Count a completed send of ``n`` events."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from ._agent import build_agent
 from ._build import build_pipeline, resolved_config
 from ._graph import Pipeline
 from ._log import flush_logging, setup_logging
@@ -118,7 +119,9 @@ def _report(pipe: Pipeline) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _effective_config(args, args.config or os.environ.get("BPFPIPE_CONFIG"))
     setup_logging("debug" if config.enable_debug else config.log_level)
-    pipe = build_pipeline(config)
+    agent = build_agent(config)
+    agent.servers.bind()  # a busy port fails here, before any BPF program is compiled
+    pipe = agent.pipeline
     outcome = _RunOutcome()
     # From here on our handler only records: inside trio, trio's receiver takes over; after
     # it, a late signal must not cut the final report short.

@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from ._batch import Batch
 from ._channel import BatchReceiver, BatchSender, BudgetStatistics, Edge, EdgeStatistics, InflightBudget
 from ._services import SamplingController, SamplingGate, Services
 from ._stage import Sink, Source, Stage, StageContext, StageStatistics
@@ -94,6 +95,36 @@ class PipelineStatistics:
             "inflight": {"events": self.budget.events, "peak_events": self.budget.peak_events},
             "accounting": self.ledger.as_dict(),
         }
+
+
+class _SinkReceiver(BatchReceiver):
+    """The sink's receiving end: runs the pipeline's sink observers on each batch."""
+
+    def __init__(
+        self, edge: Edge, ctx: StageContext, observers: list[Callable[[Batch], Batch | None]]
+    ) -> None:
+        super().__init__(edge, ctx)
+        self._observers = observers
+
+    async def receive(self) -> Batch:
+        while True:
+            passed = self._observe(await super().receive())
+            if passed is not None:
+                return passed
+
+    def receive_nowait(self) -> Batch:
+        while True:
+            passed = self._observe(super().receive_nowait())
+            if passed is not None:
+                return passed
+
+    def _observe(self, batch: Batch) -> Batch | None:
+        for observe in self._observers:
+            out = observe(batch)
+            if out is None:
+                return None
+            batch = out
+        return batch
 
 
 def _first_start_error(group: BaseExceptionGroup[BaseException]) -> StageStartError | None:
@@ -194,6 +225,13 @@ class Pipeline:
         """Why the run stopped unable to do its job (set through ``stop(failure=...)``)."""
         """The graceful stop missed ``shutdown.drain_timeout_s`` and was turned into an abort."""
         self.finished = trio.Event()
+        self.started = False
+        """Every node and helper has started (``run`` reported started)."""
+        self.sink_observers: list[Callable[[Batch], Batch | None]] = []
+        """Called, in order, with every batch the sink is about to receive; each returns
+        the batch to pass on or None if it consumed it (then it must have recorded the
+        batch's outcome, e.g. with ``contexts[-1].record``). Per batch, never per event:
+        end-to-end latency and heartbeat interception hook in here."""
 
     # -- control --------------------------------------------------------------------
     @property
@@ -242,6 +280,7 @@ class Pipeline:
                             "pipeline started",
                             extra={"stages": " -> ".join(s.name for s in self.specs)},
                         )
+                        self.started = True
                         task_status.started()
                 finally:
                     helpers.cancel_scope.cancel()
@@ -274,7 +313,11 @@ class Pipeline:
     async def _run_node(self, index: int, task_status: trio.TaskStatus[None]) -> None:
         node = self.nodes[index]
         ctx = self.contexts[index]
-        rx = BatchReceiver(self.edges[index - 1], ctx) if index > 0 else None
+        rx: BatchReceiver | None = None
+        if index == len(self.nodes) - 1:
+            rx = _SinkReceiver(self.edges[index - 1], ctx, self.sink_observers)
+        elif index > 0:
+            rx = BatchReceiver(self.edges[index - 1], ctx)
         tx = BatchSender(self.edges[index], ctx, admits=index == 0) if index < len(self.edges) else None
         status = _StartedFlag(task_status)
         failed = False

@@ -124,6 +124,9 @@ class StageContext:
         """Ask the pipeline for a graceful stop (set by the runtime); ``failure="..."``
         says the run cannot do its job any more (the command then exits non-zero)."""
         self.stats = StageStatistics(name, kind)
+        self.taps: list[Callable[[Batch], None]] = []
+        """Called with every batch this stage has sent (``bpfpipe tap``); must never
+        block or raise, and must not modify the batch."""
         self.ledger = ledger
         self.budget = budget
         self.log = logger or logging.getLogger(f"bpfpipe.stage.{name}")

@@ -13,6 +13,7 @@ into each stage's own ``Config`` struct when the graph is built (see
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import re
 import tomllib
@@ -31,6 +32,7 @@ __all__ = [
     "ChannelsConfig",
     "Config",
     "FeatureFlags",
+    "HealthConfig",
     "LimitsConfig",
     "NodeConfig",
     "ShutdownConfig",
@@ -93,12 +95,40 @@ class ShutdownConfig(_Section, frozen=True):
     drain_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     """How long a graceful stop may drain; past it the pipeline aborts and what is
     still in flight is recorded as dropped (reason ``shutdown``)."""
+    metrics_snapshot_file: str = ""
+    """Where the final metrics snapshot (Prometheus text format) is written on stop,
+    besides the log ("" = the log only)."""
+
+
+class HealthConfig(_Section, frozen=True):
+    """The readiness checks (``/health/ready`` on ``health_check_port``)."""
+
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    """How often the agent makes a heartbeat event at its source (0 < s)."""
+    heartbeat_deadline_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
+    """A heartbeat not seen leaving the last stage within this long fails the check."""
+    ringbuf_usage_limit_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] = 90.0
+    """Ring-buffer usage at or above this fails the (non-critical) ring-buffer check."""
+
+
+Bind = Annotated[str, msgspec.Meta(min_length=1)]
+"""An IP address to listen on (``0.0.0.0`` all IPv4, ``::`` all IPv6 and IPv4, ``127.0.0.1`` loopback)."""
 
 
 class Config(_Section, frozen=True):
     log_level: LogLevel = "info"
     metrics_port: Port = 9090
+    """Prometheus ``/metrics`` (0 = no metrics server)."""
+    metrics_bind: Bind = "0.0.0.0"
     health_check_port: Port = 8080
+    """``/health/live``, ``/health/ready`` and the read-only ``/status`` (0 = no health server)."""
+    health_bind: Bind = "0.0.0.0"
+    admin_port: Port = 8081
+    """The admin API: state-changing endpoints (``/admin/...``); 0 = no admin server."""
+    admin_bind: Bind = "127.0.0.1"
+    """Loopback by default; any other address requires ``admin_token_file``."""
+    admin_token_file: str = ""
+    """A file holding the bearer token the admin API requires (when set, also on loopback)."""
     bpf_map_size: Positive = 65536
     ring_buffer_size: Positive = 262144
     enable_debug: bool = False
@@ -109,6 +139,33 @@ class Config(_Section, frozen=True):
     channels: ChannelsConfig = ChannelsConfig()
     limits: LimitsConfig = LimitsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    health: HealthConfig = HealthConfig()
+
+    def __post_init__(self) -> None:
+        for key in ("metrics_bind", "health_bind", "admin_bind"):
+            value = getattr(self, key)
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ConfigError(
+                    key, f"expected an IP address to listen on, got {json.dumps(value)}"
+                ) from None
+        if (
+            self.admin_port
+            and not self.admin_token_file
+            and not ipaddress.ip_address(self.admin_bind).is_loopback
+        ):
+            raise ConfigError(
+                "admin_bind",
+                f"{self.admin_bind} exposes the admin API beyond loopback; set admin_token_file"
+                " (a bearer token is required there) or bind 127.0.0.1",
+            )
+        ports = [(k, getattr(self, k)) for k in ("metrics_port", "health_check_port", "admin_port")]
+        used = [(k, p) for k, p in ports if p]
+        for i, (key, port) in enumerate(used):
+            for other, port2 in used[:i]:
+                if port == port2:
+                    raise ConfigError(key, f"{port} is also {other}; each server needs its own port")
 
 
 # --- environment ---------------------------------------------------------------------
@@ -133,14 +190,23 @@ def _env_int(name: str, value: str) -> int:
         raise ConfigError(f"{name} (environment)", f"expected int, got {json.dumps(value)}") from None
 
 
+_ENV_PORTS = {
+    "METRICS_PORT": "metrics_port",
+    "HEALTH_CHECK_PORT": "health_check_port",
+    "ADMIN_PORT": "admin_port",
+}
+
+
 def env_overrides(environ: Mapping[str, str], *, skip: Collection[str] = ()) -> dict[str, Any]:
-    """The config keys set by ``BPF_LOG_LEVEL``, ``METRICS_PORT`` and ``BPF_DEBUG``, except
+    """The config keys set by ``BPF_LOG_LEVEL``, ``METRICS_PORT``, ``HEALTH_CHECK_PORT``,
+    ``ADMIN_PORT`` and ``BPF_DEBUG``, except
     those in ``skip`` (set by flags, which win: a bad value they override is not an error)."""
     out: dict[str, Any] = {}
     if "BPF_LOG_LEVEL" in environ and "log_level" not in skip:
         out["log_level"] = environ["BPF_LOG_LEVEL"].strip().lower()
-    if "METRICS_PORT" in environ and "metrics_port" not in skip:
-        out["metrics_port"] = _env_int("METRICS_PORT", environ["METRICS_PORT"])
+    for var, key in _ENV_PORTS.items():
+        if var in environ and key not in skip:
+            out[key] = _env_int(var, environ[var])
     if "BPF_DEBUG" in environ and "enable_debug" not in skip:
         out["enable_debug"] = _env_bool("BPF_DEBUG", environ["BPF_DEBUG"])
     return out

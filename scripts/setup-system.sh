@@ -2,8 +2,9 @@
 # setup-system.sh [VENV] — prepare this machine to load bpfpipe's BPF programs.
 #
 # Idempotent and quiet when there is nothing to do. As root it:
-#   - installs (only what is missing) python3-bpfcc, kernel headers, iproute2
-#     and bpftool if the distribution has it; runs `apt-get update` only when
+#   - installs (only what is missing) python3-bpfcc, kernel headers, iproute2,
+#     bpftool if the distribution has it, and for the tests prometheus (with
+#     promtool), nats-server and tmux, without starting their daemons; runs `apt-get update` only when
 #     something must be installed;
 #   - prefers linux-headers-$(uname -r); when the distribution has no headers
 #     for the running kernel, links its generic headers to
@@ -48,7 +49,9 @@ if command -v apt-get >/dev/null 2>&1; then
     exact_headers="linux-headers-${release}"
 
     missing=()
-    for pkg in python3-bpfcc iproute2; do
+    # prometheus (server + promtool) and nats-server are for the tests, which start
+    # them on loopback themselves; tmux drives `bpfpipe top` in a test terminal.
+    for pkg in python3-bpfcc iproute2 prometheus nats-server tmux; do
         installed "$pkg" || missing+=("$pkg")
     done
     need_headers=0
@@ -75,7 +78,18 @@ if command -v apt-get >/dev/null 2>&1; then
         fi
         if ((${#missing[@]} > 0)); then
             say "installing ${missing[*]}"
+            # Packages with daemons (prometheus, nats-server) must not start them: the
+            # tests start their own on loopback, and a stray one would hold port 9090.
+            no_daemons=0
+            if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+                printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+                chmod +x /usr/sbin/policy-rc.d
+                no_daemons=1
+            fi
             apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+            if ((no_daemons)); then
+                rm -f /usr/sbin/policy-rc.d
+            fi
         fi
     fi
 elif [[ ! -d "$bcc_dir" ]] || ! command -v ip >/dev/null 2>&1; then

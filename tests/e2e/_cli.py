@@ -5,24 +5,40 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 BPFPIPE = [sys.executable, "-m", "pipeline.cli"]
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "BPF_DEBUG"}}
+CLEAN_ENV = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in {"BPF_LOG_LEVEL", "METRICS_PORT", "HEALTH_CHECK_PORT", "ADMIN_PORT", "BPF_DEBUG"}
+}
+NO_SERVERS = {"METRICS_PORT": "0", "HEALTH_CHECK_PORT": "0", "ADMIN_PORT": "0"}
+"""``bpfpipe run`` in a test starts no HTTP server unless the test asks for one (by
+passing these variables, or ``free_port()`` values, itself): tests never fight over
+the default ports."""
+
+
+def _env(args: tuple[str, ...], env: dict[str, str | None] | None) -> dict[str, str]:
+    """``env`` over the defaults; a None value unsets the variable."""
+    defaults = NO_SERVERS if args[:1] == ("run",) else {}
+    merged = {**CLEAN_ENV, **defaults, **(env or {})}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def bpfpipe(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str, env: dict[str, str | None] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*BPFPIPE, *args], capture_output=True, text=True, timeout=timeout, env={**CLEAN_ENV, **(env or {})}
+        [*BPFPIPE, *args], capture_output=True, text=True, timeout=timeout, env=_env(args, env)
     )
 
 
-def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn(*args: str, env: dict[str, str | None] | None = None) -> subprocess.Popen[str]:
     """Start the CLI as a terminal would: its own session, SIGINT at its default (a
     background job of a non-interactive shell would start with SIGINT ignored)."""
     return subprocess.Popen(
@@ -30,7 +46,7 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**CLEAN_ENV, **(env or {})},
+        env=_env(args, env),
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -64,6 +80,13 @@ def assert_accounts_balance(stderr: str) -> dict[str, int]:
     outcomes = sum(v for k, v in fields.items() if k.startswith("outcome_"))
     assert outcomes == fields["produced"], finished[0]
     return fields
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def write_module(directory: Path, name: str, source: str) -> Path:

@@ -58,10 +58,10 @@ def test_check_prints_effective_config_with_env_and_flags(tmp_path: Path) -> Non
 
 def test_check_uses_bpfpipe_config_env(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text("health_check_port = 8181\n")
+    config.write_text("bpf_map_size = 4096\n")
     proc = bpfpipe("check", env={"BPFPIPE_CONFIG": str(config)})
     assert proc.returncode == 0
-    assert "health_check_port = 8181" in proc.stdout
+    assert "bpf_map_size = 4096" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_check_broken_config_is_one_line_exit_2(tmp_path: Path, text: str, messa
     config = tmp_path / "c.toml"
     config.write_text(text)
     assert_one_line_error(bpfpipe("check", str(config)), 2, message)
-    assert_one_line_error(bpfpipe("run", "--config", str(config)), 2, message)
+    assert_one_line_error(bpfpipe("run", "--config", str(config), env={"METRICS_PORT": None}), 2, message)
 
 
 def test_bad_env_is_one_line_exit_2() -> None:

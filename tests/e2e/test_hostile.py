@@ -26,6 +26,7 @@ import pytest
 from _cli import (
     BPFPIPE,
     CLEAN_ENV,
+    NO_SERVERS,
     assert_accounts_balance,
     assert_one_line_error,
     bpfpipe,
@@ -421,7 +422,12 @@ def _stalled_fifo(tmp_path: Path, *, full: bool) -> Iterator[int]:
 
 def _spawn_with(stdout: int, stderr: int, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*BPFPIPE, *args], stdout=stdout, stderr=stderr, text=True, env=CLEAN_ENV, start_new_session=True
+        [*BPFPIPE, *args],
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        env={**CLEAN_ENV, **NO_SERVERS},
+        start_new_session=True,
     )
 
 
@@ -539,7 +545,7 @@ def test_closed_stdout_stops_gracefully_exit_1() -> None:
             stdout=writer,
             stderr=subprocess.PIPE,
             text=True,
-            env=CLEAN_ENV,
+            env={**CLEAN_ENV, **NO_SERVERS},
             timeout=30,
         )
     finally:
