@@ -18,14 +18,22 @@ from pipeline.errors import BpfUnavailableError
 
 __all__ = [
     "CAP_BPF",
+    "CAP_PERFMON",
     "CAP_SYS_ADMIN",
     "check_bpf_environment",
     "find_missing_prerequisite",
 ]
 
 CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
 CAP_BPF = 39
-_REQUIRED_CAPS = {CAP_BPF: "CAP_BPF", CAP_SYS_ADMIN: "CAP_SYS_ADMIN"}
+_REQUIRED_CAPS = {CAP_BPF: "CAP_BPF", CAP_PERFMON: "CAP_PERFMON"}
+"""Loading programs and maps needs CAP_BPF; attaching tracepoints (perf events) and
+reading kernel time need CAP_PERFMON. CAP_SYS_ADMIN implies both (kernels before
+5.8 know only it). XDP also needs CAP_NET_ADMIN, checked when it attaches. Checked
+here: bcc 0.26 loads and attaches the exec program with exactly CAP_BPF + CAP_PERFMON
++ CAP_NET_ADMIN (the systemd unit in deploy/ grants those)."""
+_NEEDS = "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"
 
 TRACEFS_DIRS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 _FIX = "run 'sudo make setup'"
@@ -60,16 +68,18 @@ def find_missing_prerequisite(
     euid = os.geteuid() if euid is None else euid
     caps = _effective_caps(proc_status)
     missing_caps = [name for bit, name in _REQUIRED_CAPS.items() if caps is None or not caps >> bit & 1]
+    if missing_caps and caps is not None and caps >> CAP_SYS_ADMIN & 1:
+        missing_caps = []
     if missing_caps:
         if euid != 0:
             return (
-                "BPF unavailable: not running as root (loading BPF programs needs CAP_BPF and "
-                f"CAP_SYS_ADMIN); run as root, e.g. 'sudo bpfpipe ...', {_TRY}"
+                f"BPF unavailable: not running as root (loading BPF programs needs {_NEEDS}); "
+                f"run as root, e.g. 'sudo bpfpipe ...', or grant those capabilities, {_TRY}"
             )
         return (
             f"BPF unavailable: running as root without {'+'.join(missing_caps)} (a restricted "
-            "container or capability bounding set?); grant CAP_BPF and CAP_SYS_ADMIN, e.g. "
-            f"'docker run --privileged', {_TRY}"
+            f"container or capability bounding set?); grant {_NEEDS} (plus CAP_NET_ADMIN for XDP), "
+            f"e.g. the capabilities in deploy/bpfpipe.service, {_TRY}"
         )
 
     try:

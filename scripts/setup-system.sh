@@ -50,8 +50,9 @@ if command -v apt-get >/dev/null 2>&1; then
 
     missing=()
     # prometheus (server + promtool) and nats-server are for the tests, which start
-    # them on loopback themselves; tmux drives `bpfpipe top` in a test terminal.
-    for pkg in python3-bpfcc iproute2 prometheus nats-server tmux; do
+    # them on loopback themselves; tmux drives `bpfpipe top` in a test terminal;
+    # capsh (libcap2-bin) runs the agent with only the capabilities deploy/ grants.
+    for pkg in python3-bpfcc iproute2 prometheus nats-server tmux libcap2-bin; do
         installed "$pkg" || missing+=("$pkg")
     done
     need_headers=0

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from bpf.environment import CAP_BPF, CAP_SYS_ADMIN, check_bpf_environment, find_missing_prerequisite
+from bpf.environment import (
+    CAP_BPF,
+    CAP_PERFMON,
+    CAP_SYS_ADMIN,
+    check_bpf_environment,
+    find_missing_prerequisite,
+)
 from pipeline.errors import BpfpipeError, BpfUnavailableError
 
 RELEASE = "6.99.0-test"
-ALL_CAPS = (1 << CAP_BPF) | (1 << CAP_SYS_ADMIN)
+ALL_CAPS = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_ADMIN)
 
 
 def _status(tmp_path: Path, caps: int) -> Path:
@@ -63,18 +69,27 @@ def test_complete_machine_passes(machine: dict[str, object]) -> None:
 def test_not_root(machine: dict[str, object], tmp_path: Path) -> None:
     message = _message(**{**machine, "euid": 1000, "proc_status": _status(tmp_path, 0)})
     assert "not running as root" in message
-    assert "CAP_BPF and CAP_SYS_ADMIN" in message
+    assert "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)" in message
 
 
-def test_root_without_cap_sys_admin(machine: dict[str, object], tmp_path: Path) -> None:
+def test_root_without_cap_perfmon(machine: dict[str, object], tmp_path: Path) -> None:
     message = _message(**{**machine, "proc_status": _status(tmp_path, 1 << CAP_BPF)})
-    assert "running as root without CAP_SYS_ADMIN" in message
+    assert "running as root without CAP_PERFMON" in message
     assert "CAP_BPF" not in message.split("(")[0]
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [(1 << CAP_BPF) | (1 << CAP_PERFMON), 1 << CAP_SYS_ADMIN],
+    ids=["bpf+perfmon", "sys_admin"],
+)
+def test_either_capability_set_is_enough(machine: dict[str, object], tmp_path: Path, caps: int) -> None:
+    assert find_missing_prerequisite(**{**machine, "proc_status": _status(tmp_path, caps)}) is None  # type: ignore[arg-type]
 
 
 def test_unreadable_capabilities_count_as_missing(machine: dict[str, object], tmp_path: Path) -> None:
     message = _message(**{**machine, "proc_status": tmp_path / "no-such-status"})
-    assert "without CAP_BPF+CAP_SYS_ADMIN" in message
+    assert "without CAP_BPF+CAP_PERFMON" in message
 
 
 def test_bcc_not_importable(machine: dict[str, object]) -> None:
