@@ -58,7 +58,7 @@ def test_a_broken_threshold_fails_its_test(promtool: str, tmp_path: Path) -> Non
     )
     (tmp_path / "alerts.yml").write_text(text)
     proc = _run(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
-    assert proc.returncode != 0 and "BpfpipeRingBufferHigh fires" in proc.stdout
+    assert proc.returncode != 0 and "BpfpipeRingBufferHigh fires" in proc.stdout + proc.stderr
 
 
 def test_generated_test_file_is_current() -> None:
