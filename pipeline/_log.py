@@ -291,7 +291,9 @@ def _stderr_handler() -> logging.Handler:
     except (AttributeError, OSError, ValueError):  # a stream with no fd (tests capture it)
         return logging.StreamHandler(sys.stderr)
     sys.stderr.flush()
-    return QueuedStderrHandler(LineOutput.inherited(fd, "stderr", max_queued_bytes=1024 * 1024))
+    # A duplicate: the BPF loader redirects fd 2 for a moment to capture bcc's output,
+    # and a line the writer thread wrote meanwhile would end up in that capture.
+    return QueuedStderrHandler(LineOutput.duplicate(fd, "stderr", max_queued_bytes=1024 * 1024))
 
 
 def setup_logging(level: str) -> None:
@@ -301,3 +303,8 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [FoldingHandler(inner)]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def set_log_level(level: str) -> None:
+    """Change the level of every ``bpfpipe`` logger while running (a live reload)."""
+    logging.getLogger("bpfpipe").setLevel(level.upper())

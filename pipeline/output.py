@@ -99,6 +99,10 @@ class LineOutput:
         self.max_queued_bytes = max_queued_bytes
         self._fd = fd
         self._owned = owned
+        self._close_fd_too = owned
+        """Close ``_fd`` when done: a file we opened, or a private duplicate."""
+        self._origin_fd = fd
+        """The fd given to us (``duplicate``: the one duplicated), silenced on EPIPE."""
         mode = os.fstat(fd).st_mode
         # Only files we opened (O_APPEND, we know where our unit starts) are truncated back.
         self._regular = owned and stat.S_ISREG(mode)
@@ -133,6 +137,22 @@ class LineOutput:
     def inherited(cls, fd: int, name: str, *, max_queued_bytes: int = 8 * 1024 * 1024) -> LineOutput:
         """An fd someone else owns (never closed by us), e.g. ``sys.stdout.fileno()``."""
         return cls(fd, name, owned=False, max_queued_bytes=max_queued_bytes)
+
+    @classmethod
+    def duplicate(cls, fd: int, name: str, *, max_queued_bytes: int = 8 * 1024 * 1024) -> LineOutput:
+        """Like :meth:`inherited`, but writing to a private duplicate of ``fd`` (closed
+        by us): lines keep reaching where ``fd`` pointed when this was made, also while
+        something ``dup2()``s over ``fd`` itself — as the BPF loader does with fd 2 to
+        capture what bcc and libbpf print (``bpf.diagnostics.captured_stderr``)."""
+        copy = os.dup(fd)  # non-inheritable (PEP 446): children do not get it
+        try:
+            out = cls(copy, name, owned=False, max_queued_bytes=max_queued_bytes)
+        except BaseException:
+            os.close(copy)
+            raise
+        out._close_fd_too = True
+        out._origin_fd = fd
+        return out
 
     spin_s = 0.02
     """How long ``write`` keeps the loop running (yielding) before it sleeps until the thread is done."""
@@ -239,7 +259,7 @@ class LineOutput:
         self._cond.notify_all()
 
     def _close_fd(self) -> None:
-        if self._owned and self._fd >= 0:
+        if self._close_fd_too and self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
 
@@ -301,7 +321,7 @@ class LineOutput:
             elif written:
                 self._needs_newline = True  # a torn line on a pipe: start the next one fresh
             if exc.errno == errno.EPIPE and not self._owned:
-                _silence(self._fd)
+                _silence(self._origin_fd)
             raise
         self._needs_newline = False
         if self._regular:

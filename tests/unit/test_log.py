@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -179,3 +180,46 @@ def test_a_stalled_stderr_costs_one_grace_period_not_one_per_line() -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_log_lines_reach_stderr_while_the_loader_captures_fd_2(tmp_path: Any) -> None:
+    """The writer thread writes to a duplicate of stderr's fd: while the BPF loader
+    redirects that fd to capture bcc's output (``captured_stderr``), a log line written
+    meanwhile still reaches the real stderr, and the capture gets only what bcc printed.
+    (Seen as shutdown step lines missing while the XDP program was being detached.)"""
+    real = tmp_path / "stderr.txt"
+    with open(real, "wb") as f:
+        stderr_fd = os.dup(f.fileno())  # stands in for fd 2
+    try:
+        out = LineOutput.duplicate(stderr_fd, "stderr")
+        handler = QueuedStderrHandler(out)
+        handler.setFormatter(LogfmtFormatter())
+        logger = logging.getLogger("bpfpipe.test.capture")
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            capture = tmp_path / "capture.txt"
+            with open(capture, "wb") as c:
+                saved = os.dup(stderr_fd)
+                os.dup2(c.fileno(), stderr_fd)  # what captured_stderr does to fd 2
+                try:
+                    os.write(stderr_fd, b"libbpf: a line bcc printed\n")
+                    logger.warning("shutdown: drain")
+                    assert out.wait_idle(5)
+                finally:
+                    os.dup2(saved, stderr_fd)
+                    os.close(saved)
+            logger.warning("shutdown: unload")
+            assert out.wait_idle(5)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        assert capture.read_text() == "libbpf: a line bcc printed\n"
+        lines = real.read_text().splitlines()
+        assert [line.split('msg="')[1].split('"')[0] for line in lines] == [
+            "shutdown: drain",
+            "shutdown: unload",
+        ]
+        os.write(stderr_fd, b"")  # the original fd is still ours: duplicate() closed only its copy
+    finally:
+        os.close(stderr_fd)
