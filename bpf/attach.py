@@ -51,6 +51,7 @@ __all__ = [
     "attach_all",
     "attached_xdp",
     "function_names",
+    "load_all",
     "stale_xdp_problem",
 ]
 
@@ -97,6 +98,19 @@ def function_names(bpf: Any) -> list[str]:
     from bcc import lib
 
     return [lib.bpf_function_name(bpf.module, i).decode() for i in range(lib.bpf_num_functions(bpf.module))]
+
+
+def load_all(bpf: Any, program: str, functions: list[str]) -> None:
+    """Load every function through the verifier, attaching nothing (the *load programs*
+    startup step); :func:`attach_all` then finds them loaded (bcc keeps them by name)."""
+    from bcc import BPF
+
+    for function in functions:
+        if function.startswith("tracepoint__"):
+            _load_function(bpf, program, function, BPF.TRACEPOINT)
+        elif function == program:
+            _load_function(bpf, program, function, BPF.XDP)
+        # Anything else is attach_all's error, with its message.
 
 
 def attach_all(

@@ -109,4 +109,39 @@ static __always_inline void bpfpipe_submit_sized(void *slot, u64 size)
 
 #define bpfpipe_submit(slot) bpfpipe_submit_sized((slot), sizeof(*(slot)))
 
+/* The heartbeat. The agent calls getpriority(BPFPIPE_HEARTBEAT_KEY, marker) on a
+ * timer; `which` is no valid PRIO_* value, so the call fails with EINVAL and
+ * changes nothing, but its tracepoint fires first. A program registers the
+ * heartbeat with one line:
+ *   TRACEPOINT_PROBE(syscalls, sys_enter_getpriority) { return bpfpipe_heartbeat(args->which, args->who); }
+ * and emits one struct bpfpipe_heartbeat into its own ring buffer, only for the
+ * agent's tgid and its own key (the loader sets both per loaded program; 0: none).
+ * Not through the gate (never sampled, rate 1), but counted like any event:
+ * STAT_EVENTS, then STAT_LOST_RESERVE or STAT_EMITTED; not STAT_PROCESSED, which
+ * counts the program's real work (packets). */
+#ifndef BPFPIPE_HEARTBEAT_KEY
+#define BPFPIPE_HEARTBEAT_KEY 0
+#endif
+#ifndef BPFPIPE_HEARTBEAT_TGID
+#define BPFPIPE_HEARTBEAT_TGID 0
+#endif
+
+static __always_inline int bpfpipe_heartbeat(s64 which, s64 who)
+{
+    if (BPFPIPE_HEARTBEAT_KEY == 0 || (s32)which != BPFPIPE_HEARTBEAT_KEY)
+        return 0;
+    if ((u32)(bpf_get_current_pid_tgid() >> 32) != BPFPIPE_HEARTBEAT_TGID)
+        return 0;
+    bpfpipe_count(STAT_EVENTS);
+    struct bpfpipe_heartbeat *beat = bpfpipe_reserve(sizeof(*beat));
+    if (!beat)
+        return 0;
+    bpfpipe_fill_hdr(&beat->hdr, BPFPIPE_EVENT_HEARTBEAT, 1);
+    beat->marker = (u32)who;
+    beat->tgid = BPFPIPE_HEARTBEAT_TGID;
+    beat->__pad = 0;
+    bpfpipe_submit(beat);
+    return 0;
+}
+
 #endif /* BPFPIPE_H */

@@ -47,6 +47,19 @@ struct bpfpipe_hdr {
     u64 ts_ns; /* bpf_ktime_get_ns() */
 };
 
+/* The heartbeat (bpfpipe.h: bpfpipe_heartbeat()): an event the agent makes on a
+ * timer to prove that events flow from the kernel through every stage. Its type id
+ * is reserved in every program (programs number their own events below it); it is
+ * never sampled (rate 1) and is consumed before the sink (Outcome.HEARTBEAT). */
+#define BPFPIPE_EVENT_HEARTBEAT 255
+
+struct bpfpipe_heartbeat {
+    struct bpfpipe_hdr hdr;
+    u64 marker; /* the agent's heartbeat number (getpriority's `who`) */
+    u32 tgid;   /* the agent that asked for it */
+    u32 __pad;
+};
+
 /* bpfpipe_wakeup[0]: wake-up moderation (see bpfpipe.h). An mmap'able array,
  * so the reader's per-read reset is a store, not a syscall. */
 struct bpfpipe_wakeup {

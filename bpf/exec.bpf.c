@@ -148,3 +148,5 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     bpfpipe_submit(event);
     return 0;
 }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_getpriority) { return bpfpipe_heartbeat(args->which, args->who); }

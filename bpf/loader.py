@@ -14,12 +14,24 @@ module named for its job:
 6. loading every function through the verifier and attaching it by convention,
    replacing only bpfpipe's own stale XDP program left by a crash (:mod:`bpf.attach`);
 7. the event dtypes, from clang's layout of the structs the program's header
-   lists (:mod:`bpf.layout`);
+   lists (:mod:`bpf.layout`), the heartbeat's among them (:mod:`bpf.heartbeat`);
 8. wrapping it all in the program's class (:mod:`bpf.programs`), which owns it
    until :meth:`LoadedProgram.close`.
 
 If any step after compiling fails, what was attached is detached and the
 module freed before the error propagates.
+
+Startup steps
+-------------
+The agent's startup is logged step by step (``pipeline._lifecycle``); three
+steps happen here, each one line on the ``bpfpipe.steps`` logger with its
+``duration_ms``. bcc does compile, map creation and program loading in one
+constructor, so the boundaries are: *load programs* = checks, compile (bcc
+creates every map, sized by the ``-D`` flags, while it loads the module) and
+every function through the verifier (:func:`bpf.attach.load_all`); *create
+maps* = the event layout read from the maps, the program object with its map
+handles (ring, wake-up map) and the caller's ``prepare`` (initial map values),
+all before anything runs; *attach* = the attachments, stale XDP replaced.
 
 This module also re-exports the names callers import from ``bpf.loader``.
 Importing it does not import bcc; :func:`load_program` does.
@@ -32,15 +44,17 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .attach import Attachment as Attachment
-from .attach import Detacher, attach_all, function_names
+from .attach import Detacher, attach_all, function_names, load_all
 from .diagnostics import BpfLoadError as BpfLoadError
 from .diagnostics import call_bcc, compiler_key_line, one_line
 from .environment import check_bpf_environment
+from .heartbeat import HEARTBEAT_ATTACH_POINT, KernelHeartbeat, heartbeat_cflags, new_heartbeat_key
 from .layout import EventLayout, SchemaError, event_layout
 from .layout import dtype_from_ctypes as dtype_from_ctypes
 from .programs import SHIPPED_PROGRAMS
@@ -87,6 +101,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("bpfpipe.bpf")
+_steps = logging.getLogger("bpfpipe.steps")
 
 
 def load_program(
@@ -96,6 +111,7 @@ def load_program(
     map_size: int | None,
     options: Mapping[str, Any] | None = None,
     source_dir: Path | None = None,
+    prepare: Callable[[LoadedProgram], None] | None = None,
 ) -> LoadedProgram:
     """Compile, verify and attach program ``name``; see the module docstring.
 
@@ -108,7 +124,12 @@ def load_program(
     Raises :class:`BpfUnavailableError` when the machine cannot load BPF,
     :class:`BpfLoadError` when the program fails to compile, verify or attach,
     and :class:`ConfigError` for unknown programs or bad options.
+
+    ``prepare(program)``, if given, runs after the maps exist and before anything
+    is attached (to initialise maps: a wake-up threshold, a policy). The three
+    startup steps are logged on ``bpfpipe.steps`` (see Startup steps above).
     """
+    started = time.perf_counter()
     options = dict(options or {})
     validate_program_name(name, source_dir)
     shipped = source_dir is None
@@ -125,9 +146,12 @@ def load_program(
         f"-DBPFPIPE_RINGBUF_PAGES={sizes.ring_pages}",
         f"-DBPFPIPE_MAP_SIZE={sizes.map_entries}",
     ]
+    heartbeat_key = new_heartbeat_key()
+    cflags += heartbeat_cflags(heartbeat_key, os.getpid())
     bpf = _compile(name, text, cflags)
     attachments: list[Attachment] = []
     detachers: list[Detacher] = []
+    program: LoadedProgram | None = None
     try:
         functions = function_names(bpf)
         xdp = name in functions
@@ -141,7 +165,9 @@ def load_program(
                 if cls.xdp
                 else f"defines an XDP function named after the program, but {cls.__name__}.xdp is False",
             )
-        attach_all(bpf, name, functions, options, attachments, detachers)
+        load_all(bpf, name, functions)
+        _log_step("load programs", started, program=name, functions=len(functions))
+        step_started = time.perf_counter()
         layout = _event_layout(bpf, name)
         program = cls(
             name=name,
@@ -155,10 +181,26 @@ def load_program(
             event_names=layout.event_names,
             options=options,
         )
+        if prepare is not None:
+            prepare(program)
+        _log_step(
+            "create maps",
+            step_started,
+            program=name,
+            ring_buffer_bytes=sizes.ring_size_bytes,
+            map_entries=sizes.map_entries,
+        )
+        step_started = time.perf_counter()
+        attach_all(bpf, name, functions, options, attachments, detachers)
+        program.attachments = tuple(attachments)
+        if any(a.attach_point == HEARTBEAT_ATTACH_POINT for a in attachments):
+            program.heartbeat = KernelHeartbeat(name, heartbeat_key, os.getpid())
     except BaseException:
         for detach in reversed(detachers):
             with contextlib.suppress(Exception):
                 detach()
+        if program is not None and program.ring_wakeup is not None:
+            program.ring_wakeup.close()
         bpf.cleanup()
         atexit.unregister(bpf.cleanup)
         raise
@@ -172,7 +214,18 @@ def load_program(
                 "attach_point": attachment.attach_point,
             },
         )
+    _log_step(
+        "attach", step_started, program=name, attach_points=",".join(a.attach_point for a in attachments)
+    )
     return program
+
+
+def _log_step(step: str, started: float, **fields: Any) -> None:
+    """One startup step's line (``pipeline._lifecycle`` watches this logger)."""
+    _steps.info(
+        f"startup: {step}",
+        extra={"step": step, "duration_ms": round((time.perf_counter() - started) * 1000, 1), **fields},
+    )
 
 
 def _compile(name: str, text: str, cflags: list[str]) -> Any:

@@ -44,3 +44,5 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
     }
     return 0;
 }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_getpriority) { return bpfpipe_heartbeat(args->which, args->who); }

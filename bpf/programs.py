@@ -26,11 +26,13 @@ loaded from another directory (``load_program(source_dir=...)``) gets the plain
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import ipaddress
 import logging
 import mmap
-import sys
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,8 +40,18 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 
-from .attach import XDP_MODES, Attachment, Detacher
+from .attach import XDP_MODES, Attachment, Detacher, attached_xdp
 from .diagnostics import one_line
+from .firewall_policy import (
+    BlockedPrefixes,
+    Network,
+    PolicyChange,
+    RateLimit,
+    UpdateStep,
+    parse_blocked_ips,
+    plan_changes,
+)
+from .heartbeat import KernelHeartbeat
 from .source import PROGRAM_DIR, SHARED_HEADER, available_programs, header_define, header_enum
 
 __all__ = [
@@ -167,9 +179,19 @@ class LoadedProgram:
         self.ring_map_fd: int = bpf[b"events"].map_fd
         self.ring_wakeup: RingWakeup | None = _open_wakeup(bpf)
         """Wake-up moderation (None: the program does not include bpfpipe.h's helpers)."""
+        self.heartbeat: KernelHeartbeat | None = None
+        """The program's heartbeat trigger (set by the loader; None: it registers none)."""
+        # Looked up now: bcc builds a table from the module, which close() frees, and
+        # maps_problem() runs in a worker thread; a built table needs only its fd.
+        self._checked_tables: dict[str, Any] = {}
+        for name in ("bpfpipe_stats", "bpfpipe_rate"):
+            with contextlib.suppress(KeyError):  # a program without bpfpipe.h's maps
+                self._checked_tables[name] = bpf[name.encode()]
         self._detachers = detachers
         self._detached = False
         self._closed = False
+        self._entry_counters: dict[str, _EntryCounter] = {}
+        self._last_kernel_stats: dict[str, int] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.attachments)} attachments"
@@ -205,7 +227,15 @@ class LoadedProgram:
         for cpu in self.kernel_stats_per_cpu():
             for name, value in cpu.items():
                 totals[name] += value
-        return totals
+        self._last_kernel_stats = totals
+        return dict(totals)
+
+    @property
+    def last_kernel_stats(self) -> dict[str, int] | None:
+        """What :meth:`kernel_stats` last returned (None: never read). After
+        :meth:`close` these are the final counters if the last read came after
+        :meth:`detach`, as the reader's shutdown does."""
+        return None if self._last_kernel_stats is None else dict(self._last_kernel_stats)
 
     def set_sample_rate(self, rate: int) -> None:
         """Keep 1 in ``rate`` events in the kernel (1 keeps all); kept events carry ``rate``."""
@@ -217,6 +247,26 @@ class LoadedProgram:
     def sample_rate(self) -> int:
         table = self._table("bpfpipe_rate")
         return max(1, int(table[table.Key(0)].value))
+
+    # maps, read-only (metrics)
+
+    def map_usage(self) -> dict[str, tuple[int, int]]:
+        """``{map name: (entries, max_entries)}`` for every hash-like map (hash, LRU
+        hash, their per-CPU kinds, LPM trie) of the program; arrays are always full and
+        the ring buffer has no entries, so they are left out. Each map is counted with
+        ``BPF_MAP_LOOKUP_BATCH`` into buffers kept per map: a few syscalls for a whole
+        map (a full 65,536-entry hash: ~6 ms, where bcc's ``len()`` makes one
+        ``get_next_key`` syscall per key, ~75 ms). A kernel that refuses batch lookups
+        for a map type falls back to walking the keys."""
+        counters = self._entry_counters
+        if not counters and not self._closed:
+            for name in _table_names(self.bpf):
+                table = self.bpf[name.encode()]
+                if int(table.ttype) in _COUNTED_MAP_TYPES:
+                    counters[name] = _EntryCounter(table)
+        if self._closed:
+            raise RuntimeError(f"BPF program {self.name!r} is closed")
+        return {name: (counter.count(), counter.max_entries) for name, counter in counters.items()}
 
     # maps that grow with the workload (the resource enforcer bounds them)
 
@@ -255,6 +305,49 @@ class LoadedProgram:
                 pass
         return deleted
 
+    # health (what the agent's readiness checks ask; see pipeline.health)
+
+    def attachment_problem(self) -> str | None:
+        """None while every attachment is in place, else what is not. An XDP attachment
+        is asked of iproute2 (a subprocess: call it off the event loop); a tracepoint's
+        is the perf event fd bcc holds for it."""
+        if self._closed or self._detached:
+            return f"program {self.name!r} is {'closed' if self._closed else 'detached'}"
+        for attachment in self.attachments:
+            kind, _, where = attachment.attach_point.partition(":")
+            if kind == "xdp":
+                interface = where.partition(":")[0]
+                try:
+                    ids = [a.prog_id for a in attached_xdp(interface)]
+                except RuntimeError as exc:
+                    return one_line(str(exc))
+                if attachment.prog_id not in ids:
+                    now = f"now: prog id {', '.join(map(str, ids))}" if ids else "now: none"
+                    return f"XDP program {attachment.prog_id} is no longer attached to {interface} ({now})"
+            elif kind == "tracepoint":
+                fd = self.bpf.tracepoint_fds.get(where.encode())
+                if fd is None or not _fd_open(fd):
+                    return f"{attachment.function} is no longer attached to {where}"
+        return None
+
+    def maps_problem(self) -> str | None:
+        """None if the program's own maps are open and ``bpfpipe_stats`` answers a
+        lookup through its fd, else what failed. (The lookup is the per-CPU one: its
+        value buffer is the largest any map of ours could write, should the fd ever
+        have been closed and reused.)"""
+        if self._closed:
+            return f"program {self.name!r} is closed"
+        for name, table in self._checked_tables.items():
+            if not _fd_open(table.map_fd):
+                return f"map {name} of {self.name!r}: fd {table.map_fd} is closed"
+        stats = self._checked_tables.get("bpfpipe_stats")
+        if stats is not None:
+            try:
+                stats.getvalue(stats.Key(0))
+            except KeyError:
+                return f"map bpfpipe_stats of {self.name!r}: lookup through fd {stats.map_fd} failed"
+        return None
+
     # lifecycle
 
     def detach(self) -> None:
@@ -289,6 +382,94 @@ class LoadedProgram:
         self.close()
 
 
+_COUNTED_MAP_TYPES = frozenset({1, 5, 9, 10, 11})
+"""BPF_MAP_TYPE_HASH, PERCPU_HASH, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE (uapi/linux/bpf.h)."""
+_PERCPU_HASH_TYPES = frozenset({5, 10})
+_ENOTSUPP = 524  # the kernel's own "operation not supported", not in Python's errno
+
+
+def _table_names(bpf: Any) -> list[str]:
+    """Names of every map of a bcc module (libbcc's ``bpf_num_tables``/``bpf_table_name``,
+    which bcc's Python binding does not declare)."""
+    import ctypes
+
+    from bcc.libbcc import lib
+
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
+    count = lib.bpf_num_tables(bpf.module)
+    return [lib.bpf_table_name(bpf.module, index).decode() for index in range(count)]
+
+
+class _EntryCounter:
+    """Counts one map's entries with BPF_MAP_LOOKUP_BATCH into buffers sized for a
+    full map (allocated once): one syscall per call when the map fits, which it
+    always does. Keys and values are copied by the kernel and then ignored."""
+
+    def __init__(self, table: Any) -> None:
+        import ctypes
+
+        from bcc.utils import get_possible_cpus
+
+        self._table = table
+        self.max_entries = int(table.max_entries)
+        key_size = ctypes.sizeof(table.Key)
+        value_size = ctypes.sizeof(table.Leaf)
+        if int(table.ttype) in _PERCPU_HASH_TYPES:
+            value_size = (value_size + 7) // 8 * 8 * len(get_possible_cpus())
+        self._key_size, self._value_size = key_size, value_size
+        self._keys = (ctypes.c_uint8 * (key_size * self.max_entries))()
+        self._values = (ctypes.c_uint8 * (value_size * self.max_entries))()
+        self._batch_works = True
+
+    def count(self) -> int:
+        if self._batch_works:
+            counted = self._count_batched()
+            if counted is not None:
+                return counted
+            self._batch_works = False
+        return sum(1 for _ in self._table)  # get_next_key per key (bcc's LpmTrie has no len())
+
+    def _count_batched(self) -> int | None:
+        import ctypes
+        import errno
+
+        from bcc.libbcc import lib
+
+        token, count, total = ctypes.c_uint32(0), ctypes.c_uint32(0), 0
+        while total < self.max_entries:
+            count.value = self.max_entries - total
+            result = lib.bpf_lookup_batch(
+                self._table.map_fd,
+                ctypes.byref(token) if total else None,
+                ctypes.byref(token),
+                ctypes.byref(self._keys, self._key_size * total),
+                ctypes.byref(self._values, self._value_size * total),
+                ctypes.byref(count),
+            )
+            total += count.value
+            if result != 0:
+                code = -result if result < 0 else ctypes.get_errno()
+                if code == errno.ENOENT:  # the end of the map: the normal way out
+                    return total
+                if total == 0 and code in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+                    return None  # this kernel has no batch lookup for the map type
+                raise OSError(code, f"BPF_MAP_LOOKUP_BATCH failed: {errno.errorcode.get(code, code)}")
+            if count.value == 0:  # no progress (a concurrent update): what we have
+                return total
+        return total
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def _open_wakeup(bpf: Any) -> RingWakeup | None:
     try:
         table = bpf[b"bpfpipe_wakeup"]
@@ -308,7 +489,15 @@ class ExecProgram(LoadedProgram):
 
 
 class XdpFirewallProgram(LoadedProgram):
-    """``xdp_firewall``: an IPv4 blocklist and a per-source rate limit."""
+    """``xdp_firewall``: IPv4/IPv6 prefix blocklists (LPM tries) and a per-source rate limit.
+
+    The policy (:mod:`bpf.firewall_policy`) lives in the program's maps:
+    ``blocked_v4``/``blocked_v6`` (a prefix -> 1), ``rate_limit_cfg[0]`` and the
+    per-source GCRA state ``rate_limit_state``. :meth:`apply_policy` changes them by
+    difference while the program stays attached; the maps are the truth it diffs
+    against (so prefixes added with :meth:`block_ipv4` are removed by a policy that
+    does not list them).
+    """
 
     program_name = "xdp_firewall"
     xdp = True
@@ -320,27 +509,50 @@ class XdpFirewallProgram(LoadedProgram):
     def interface(self) -> str:
         return str(self.options["interface"])
 
+    # the blocklists
+
     def block_ipv4(self, addr: str | ipaddress.IPv4Address) -> None:
-        table = self._table("blocked_v4")
-        table[table.Key(_ipv4_key(addr))] = table.Leaf(1)
+        """Block one IPv4 source (its /32)."""
+        self._insert_prefix(ipaddress.IPv4Network(ipaddress.IPv4Address(addr)))
 
     def unblock_ipv4(self, addr: str | ipaddress.IPv4Address) -> bool:
-        """Remove ``addr`` from the blocklist; False if it was not there."""
-        table = self._table("blocked_v4")
+        """Remove ``addr``'s /32 from the blocklist; False if it was not there (a
+        covering prefix, if any, still blocks it)."""
+        return self._delete_prefix(ipaddress.IPv4Network(ipaddress.IPv4Address(addr)))
+
+    def blocked_ipv4(self) -> set[ipaddress.IPv4Address]:
+        """The single IPv4 addresses (/32 entries) blocked; :meth:`blocked_prefixes` has all."""
+        return {net.network_address for net in self.blocked_prefixes().v4 if net.prefixlen == 32}
+
+    def blocked_prefixes(self) -> BlockedPrefixes:
+        """Every prefix in ``blocked_v4`` and ``blocked_v6``."""
+        v4 = {ipaddress.IPv4Network(key) for key in _lpm_keys(self._table("blocked_v4"))}
+        v6 = {ipaddress.IPv6Network(key) for key in _lpm_keys(self._table("blocked_v6"))}
+        return BlockedPrefixes(frozenset(v4), frozenset(v6))
+
+    def _insert_prefix(self, network: Network) -> None:
+        table = self._table(_LPM_MAPS[network.version])
+        table[_lpm_key(table, network)] = table.Leaf(1)
+
+    def _delete_prefix(self, network: Network) -> bool:
+        table = self._table(_LPM_MAPS[network.version])
         try:
-            del table[table.Key(_ipv4_key(addr))]
+            del table[_lpm_key(table, network)]
         except KeyError:
             return False
         return True
 
-    def blocked_ipv4(self) -> set[ipaddress.IPv4Address]:
-        table = self._table("blocked_v4")
-        return {ipaddress.IPv4Address(int(key.value).to_bytes(4, sys.byteorder)) for key in table}
+    # the rate limit
+
+    def rate_limit(self) -> RateLimit:
+        """The limit in force (``burst`` as the kernel has it; pps 0: off)."""
+        leaf = self._table("rate_limit_cfg")[self._table("rate_limit_cfg").Key(0)]
+        return RateLimit(pps=int(leaf.pps), burst=int(leaf.burst) if leaf.pps else 0)
 
     def set_rate_limit(self, pps: int, burst: int | None = None) -> None:
-        """Limit each IPv4 source to ``pps`` packets per second (0 = off), allowing
-        ``burst`` back-to-back packets (default: one second's worth). Resets every
-        source's state so the new limit applies from now."""
+        """Limit each source (an IPv4 address, an IPv6 /64) to ``pps`` packets per second
+        (0 = off), allowing ``burst`` back-to-back packets (default: one second's worth).
+        Resets every source's state so the new limit applies from now."""
         if pps < 0 or pps > 0xFFFFFFFF:
             raise ValueError(f"rate limit must be in 0..2**32-1 packets per second, got {pps}")
         burst = max(1, pps) if burst is None else burst
@@ -352,6 +564,84 @@ class XdpFirewallProgram(LoadedProgram):
         config[config.Key(0)] = leaf
         self._table("rate_limit_state").clear()
 
+    # the whole policy, by difference
+
+    def apply_policy(
+        self, blocked_ips: BlockedPrefixes | Iterable[str], rate_limit: RateLimit | None = None
+    ) -> PolicyChange:
+        """Make the maps hold exactly ``blocked_ips`` (strings are parsed as the config's
+        ``blocked_ips``) and, unless None, ``rate_limit``; returns what changed.
+
+        By difference, without detaching: per family, new prefixes are inserted before
+        removed ones are deleted (:func:`bpf.firewall_policy.plan_update`), so an
+        address blocked before and after is never let through in between. The rate
+        limit is written only if it changed (then every source starts afresh, as
+        :meth:`set_rate_limit`). If a map update fails, what this call already did is
+        undone (best effort, in the same insert-first order) and ``RuntimeError`` says
+        which update failed. Costs one syscall per entry of the blocklists plus one per
+        change: call it off the event loop for big lists.
+        """
+        if not isinstance(blocked_ips, BlockedPrefixes):
+            blocked_ips = parse_blocked_ips(list(blocked_ips))
+        plans = []
+        families: tuple[tuple[str, type[Network], frozenset[Any]], ...] = (
+            ("blocked_v4", ipaddress.IPv4Network, blocked_ips.v4),
+            ("blocked_v6", ipaddress.IPv6Network, blocked_ips.v6),
+        )
+        for table_name, network_type, target in families:
+            # Diffed as (address, length) pairs: a network object per entry the map
+            # holds would cost several times reading the map.
+            table = self._table(table_name)
+            have = _lpm_keys(table)
+            want: dict[tuple[int, int], Network] = {
+                (int(net.network_address), net.prefixlen): net for net in target
+            }
+            added = [want[key] for key in want.keys() - have]
+            removed = [network_type(key) for key in have - want.keys()]
+            plans.append(
+                plan_changes(added, removed, current_size=len(have), capacity=int(table.max_entries))
+            )
+        done: list[UpdateStep] = []
+        try:
+            for plan in plans:
+                for step in plan.steps:
+                    for network in step.networks:
+                        if step.op == "insert":
+                            self._insert_prefix(network)
+                        else:
+                            self._delete_prefix(network)
+                        done.append(UpdateStep(step.op, (network,)))
+        except Exception as exc:
+            self._undo(done)
+            failed = f"{'inserting' if step.op == 'insert' else 'deleting'} {network}"
+            raise RuntimeError(f"firewall policy not applied: {failed} failed: {one_line(str(exc))}") from exc
+        rate_change = None
+        if rate_limit is not None:
+            before = self.rate_limit()
+            if _kernel_rate(before) != _kernel_rate(rate_limit):
+                self.set_rate_limit(rate_limit.pps, rate_limit.effective_burst)
+                rate_change = (before, rate_limit)
+        return PolicyChange(
+            added=tuple(n for plan in plans for n in plan.inserted),
+            removed=tuple(n for plan in plans for n in plan.deleted),
+            rate_limit=rate_change,
+            gapless=all(plan.gapless for plan in plans),
+        )
+
+    def _undo(self, done: list[UpdateStep]) -> None:
+        """Put back what was deleted, then take out what was inserted."""
+        for op in ("delete", "insert"):
+            for step in reversed(done):
+                if step.op != op:
+                    continue
+                try:
+                    if op == "delete":
+                        self._insert_prefix(step.networks[0])
+                    else:
+                        self._delete_prefix(step.networks[0])
+                except Exception as exc:  # report, keep undoing the rest
+                    _log.warning("undoing a firewall policy update failed: %s", one_line(str(exc)))
+
     def latency_histogram(self) -> dict[str, int]:
         """Packets by time spent in the program, summed over CPUs: {"lt_100ns": n, ..., "ge_10us": n}."""
         table = self._table("latency_hist")
@@ -361,10 +651,35 @@ class XdpFirewallProgram(LoadedProgram):
         }
 
 
-def _ipv4_key(addr: str | ipaddress.IPv4Address) -> int:
-    """The u32 key for an IPv4 address as it sits in the packet (network byte order)."""
-    packed = ipaddress.IPv4Address(addr).packed
-    return int.from_bytes(packed, sys.byteorder)
+_LPM_MAPS = {4: "blocked_v4", 6: "blocked_v6"}
+"""IP version -> its blocklist (an LPM trie keyed by struct xdp_lpm_v4 / xdp_lpm_v6)."""
+
+
+def _lpm_key(table: Any, network: Network) -> Any:
+    """The trie key for ``network``: its prefix length, then its address as on the wire."""
+    key = table.Key()
+    key.prefixlen = network.prefixlen
+    packed = network.network_address.packed
+    ctypes.memmove(ctypes.addressof(key.addr), packed, len(packed))
+    return key
+
+
+def _lpm_keys(table: Any) -> set[tuple[int, int]]:
+    """Every prefix a blocklist trie holds, as (network address as an integer, prefix
+    length), key by key (10,000 keys: ~15 ms; bcc's ``items_lookup_batch`` crashed the
+    process on an LPM trie here). Host bits an outside writer (bpftool) left in a key
+    are masked off, as the trie itself ignores them."""
+    keys = set()
+    for key in table:
+        bits, length = 8 * len(key.addr), int(key.prefixlen)
+        host_mask = (1 << (bits - min(length, bits))) - 1
+        keys.add((int.from_bytes(bytes(key.addr), "big") & ~host_mask, length))
+    return keys
+
+
+def _kernel_rate(limit: RateLimit) -> tuple[int, int]:
+    """What ``rate_limit_cfg`` would hold for ``limit`` (off is off, whatever the burst)."""
+    return (limit.pps, limit.effective_burst) if limit.pps else (0, 0)
 
 
 class LoadgenProgram(LoadedProgram):

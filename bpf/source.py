@@ -14,7 +14,9 @@ Why schema probes are appended: each program's header lists its events as
 ``BPFPIPE_EVENTS(X)`` entries ``X(type id, struct name, event name)``. The text
 gets one hidden array map per entry (named ``__schema_<event>``), whose leaf
 type is the event struct and whose ``max_entries`` is the type id, plus one for
-the common header; bcc then describes clang's layout of each struct, and
+the common header and, in a program that includes bpfpipe.h, one for the
+heartbeat (``struct bpfpipe_heartbeat``, type id ``BPFPIPE_EVENT_HEARTBEAT``,
+event name ``heartbeat``); bcc then describes clang's layout of each struct, and
 :mod:`bpf.layout` turns that into numpy dtypes.
 
 Constants Python needs (counter names, default sizes, histogram buckets) are
@@ -60,6 +62,9 @@ BPF_ARRAY({HEADER_SCHEMA}, struct {HEADER_STRUCT}, 1);
 #define __BPFPIPE_SCHEMA(type_id, struct_name, event_name) \\
     BPF_ARRAY({SCHEMA_PREFIX}##event_name, struct struct_name, type_id);
 BPFPIPE_EVENTS(__BPFPIPE_SCHEMA)
+#endif
+#ifdef BPFPIPE_H
+BPF_ARRAY({SCHEMA_PREFIX}heartbeat, struct bpfpipe_heartbeat, BPFPIPE_EVENT_HEARTBEAT);
 #endif
 """
 

@@ -22,12 +22,17 @@ if TYPE_CHECKING:
     from ._channel import BatchSender as BatchSender
     from ._channel import EdgeStatistics as EdgeStatistics
     from ._channel import InflightBudget as InflightBudget
+    from ._graph import ChainSwitch as ChainSwitch
+    from ._graph import ChainSwitchError as ChainSwitchError
     from ._graph import Helper as Helper
     from ._graph import NodeSpec as NodeSpec
     from ._graph import Pipeline as Pipeline
     from ._graph import PipelineStatistics as PipelineStatistics
     from ._registry import decode_stage_config as decode_stage_config
     from ._registry import resolve as resolve_stage
+    from ._services import HEARTBEAT_EVENT as HEARTBEAT_EVENT
+    from ._services import HeartbeatSource as HeartbeatSource
+    from ._services import ProgramHealth as ProgramHealth
     from ._services import SamplingController as SamplingController
     from ._services import SamplingGate as SamplingGate
     from ._services import TrimmableMaps as TrimmableMaps
@@ -59,12 +64,17 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "BatchSender": ("_channel", "BatchSender"),
     "EdgeStatistics": ("_channel", "EdgeStatistics"),
     "InflightBudget": ("_channel", "InflightBudget"),
+    "ChainSwitch": ("_graph", "ChainSwitch"),
+    "ChainSwitchError": ("_graph", "ChainSwitchError"),
     "Helper": ("_graph", "Helper"),
     "NodeSpec": ("_graph", "NodeSpec"),
     "Pipeline": ("_graph", "Pipeline"),
     "PipelineStatistics": ("_graph", "PipelineStatistics"),
     "decode_stage_config": ("_registry", "decode_stage_config"),
     "resolve_stage": ("_registry", "resolve"),
+    "HEARTBEAT_EVENT": ("_services", "HEARTBEAT_EVENT"),
+    "HeartbeatSource": ("_services", "HeartbeatSource"),
+    "ProgramHealth": ("_services", "ProgramHealth"),
     "SamplingController": ("_services", "SamplingController"),
     "SamplingGate": ("_services", "SamplingGate"),
     "TrimmableMaps": ("_services", "TrimmableMaps"),
@@ -94,15 +104,19 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __version__ = "0.1.0"
 
 __all__ = [
+    "HEARTBEAT_EVENT",
     "Batch",
     "BatchReceiver",
     "BatchSender",
     "BatchSink",
     "BatchStage",
     "BpfpipeError",
+    "ChainSwitch",
+    "ChainSwitchError",
     "Config",
     "ConfigError",
     "EdgeStatistics",
+    "HeartbeatSource",
     "Helper",
     "InflightBudget",
     "Ledger",
@@ -112,6 +126,7 @@ __all__ = [
     "Outcome",
     "Pipeline",
     "PipelineStatistics",
+    "ProgramHealth",
     "SamplingController",
     "SamplingGate",
     "Sink",

@@ -8,6 +8,7 @@
 * :class:`~pipeline.health.HealthMonitor` — ``/health/live``, ``/health/ready``, heartbeats;
 * :class:`~pipeline.status.StatusApi` — read-only ``/status`` (diag, top) and ``/admin/tap``;
 * :class:`~pipeline.admin.AdminApi` — ``/admin/config`` (reload), behind the token;
+* :class:`~pipeline.reload.Reloader` — live reload (SIGHUP and ``POST /admin/config``);
 * :class:`AgentServers` — binds the three ports early and serves their routes.
 
 ``bpfpipe check`` builds only the pipeline (``build_pipeline``): nothing here binds
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .admin import AdminApi
     from .health import HealthMonitor
     from .metrics import MetricsExporter
+    from .reload import Reloader
     from .status import StatusApi
 
 __all__ = ["Agent", "AgentServers", "build_agent", "read_token"]
@@ -134,6 +136,7 @@ class Agent:
     health: HealthMonitor
     status: StatusApi
     admin: AdminApi
+    reloader: Reloader
 
 
 def build_agent(config: Config) -> Agent:
@@ -145,14 +148,18 @@ def build_agent(config: Config) -> Agent:
     from .admin import AdminApi
     from .health import HealthMonitor
     from .metrics import MetricsExporter
+    from .reload import Reloader
     from .status import StatusApi
 
     specs, capacities = build_specs(config)
     enforcer = ResourceEnforcer(config.limits)
     metrics = MetricsExporter(config, enforcer=enforcer)
     health = HealthMonitor(config)
+    metrics.registry.register(health)  # bpfpipe_ready, bpfpipe_health_check_healthy
     status = StatusApi(config)
-    admin = AdminApi(config)
+    reloader = Reloader(config, enforcer=enforcer, metrics=metrics, listeners=[health.update])
+    metrics.reload_statistics = reloader.statistics
+    admin = AdminApi(config, reloader)
     servers = AgentServers(config)
     servers.add("metrics", metrics.routes)
     servers.add("health", health.routes)
@@ -163,6 +170,8 @@ def build_agent(config: Config) -> Agent:
         specs,
         capacities,
         settings=config,
-        helpers=[enforcer.run, metrics.run, health.run, servers.run],
+        helpers=[enforcer.run, metrics.run, health.run, status.run, servers.run],
     )
-    return Agent(config, pipe, servers, metrics, health, status, admin)
+    metrics.attach(pipe)  # before any batch flows: its sink observer and process() timers
+    reloader.bind(pipe)
+    return Agent(config, pipe, servers, metrics, health, status, admin, reloader)

@@ -118,4 +118,6 @@ def decode_field(value: Any) -> Any:
         return value.split(b"\0", 1)[0].decode("utf-8", "replace")
     if isinstance(value, tuple):
         return [decode_field(v) for v in value]
+    if isinstance(value, np.ndarray):  # a sub-array field (e.g. u8[16]): tolist() keeps it an array
+        return [decode_field(v) for v in value.tolist()]
     return value

@@ -9,10 +9,18 @@ pipeline as a whole: a source *admits* a batch before sending it, and every
 outcome recorded for an admitted event *releases* it. Sources wait for room (or,
 with a draining policy, drop at the origin and say so); nothing downstream ever
 blocks on the budget, so it cannot deadlock.
+
+A :class:`BatchSender` can be re-pointed at another edge (:meth:`BatchSender.redirect`)
+only at a batch boundary: a batch that has entered a channel is counted there and its
+``send`` completes there; a batch still waiting for room (``send`` on a full edge, or
+``wait_room``) has entered none, and goes wherever the sender points once there is
+room. That is how a running source is moved onto a new chain of stages without
+waiting for the old one to make room.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -202,6 +210,10 @@ class BatchSender:
         self._edge = edge
         self._ctx = ctx
         self._admits = admits
+        self._in_send = False
+        """Inside the channel's ``send``: a batch is on its way into ``_edge``."""
+        self._closed = False
+        self._next_edge: Edge | None = None
 
     @property
     def fill(self) -> float:
@@ -216,28 +228,70 @@ class BatchSender:
         n = len(batch)
         if n == 0:
             return
-        edge = self._edge
         ctx = self._ctx
         nbytes = batch.nbytes
         if self._admits:
             await ctx.budget.admit(n, nbytes)
+        edge = self._edge
         edge.queued_events += n
         edge.queued_bytes += nbytes
-        edge.sending += 1
         try:
-            await edge.send_channel.send(batch)
+            if edge.depth_bound >= edge.capacity:  # perhaps full: wait where a redirect can move us
+                edge = await self._room_for(edge, n, nbytes)
+            edge.sending += 1
+            self._in_send = True
+            try:
+                await edge.send_channel.send(batch)  # there is room: done at once, then a checkpoint
+            finally:
+                edge.sending -= 1
+                self._in_send = False
         except BaseException:
-            edge.sending -= 1
             edge.queued_events -= n
             edge.queued_bytes -= nbytes
             if self._admits:
                 ctx.budget.release(n)
+            if self._next_edge is not None:
+                self._move()
             raise
-        edge.sending -= 1
-        self._sent(n)
+        self._sent(edge, n)
+        if self._next_edge is not None:
+            self._move()
         if ctx.taps:
             for tap in ctx.taps:
                 tap(batch)
+
+    async def _room_for(self, edge: Edge, n: int, nbytes: int) -> Edge:
+        """Wait until ``edge`` (or the edge a redirect moved us to, where the batch then
+        goes instead: it had not entered the old one) has room; returns that edge. The
+        batch is counted as queued on the edge it waits for, and held meanwhile."""
+        self.holding_events = n
+        waited_on = edge
+        try:
+            while True:
+                if edge is not self._edge:
+                    edge.queued_events -= n
+                    edge.queued_bytes -= nbytes
+                    edge = self._edge
+                    edge.queued_events += n
+                    edge.queued_bytes += nbytes
+                if edge.depth < edge.capacity:
+                    return edge
+                stats = edge.send_channel.statistics()
+                if stats.tasks_waiting_receive or not stats.open_receive_channels:
+                    return edge  # a receiver takes it at once, or trio's send raises
+                await edge.room.park()
+        except BaseException:
+            if edge is not waited_on:  # the caller un-counts it where it started waiting
+                edge.queued_events -= n
+                edge.queued_bytes -= nbytes
+                waited_on.queued_events += n
+                waited_on.queued_bytes += nbytes
+            raise
+        finally:
+            self.holding_events = 0
+
+    holding_events = 0
+    """Events of a batch ``send`` holds while it waits for room (admitted, in no channel)."""
 
     def send_would_block(self) -> bool:
         return self._edge.depth >= self._edge.capacity
@@ -249,10 +303,10 @@ class BatchSender:
         A source that makes its batches on demand waits here *before* making and counting
         one, then sends it with ``send_nowait`` with no checkpoint in between: a stop that
         cancels the wait leaves no batch produced and unsent."""
-        edge = self._edge
         while True:
             if self._admits and not self._ctx.budget.has_room(events, nbytes):
                 await self._ctx.budget.wait_room(events, nbytes)
+            edge = self._edge  # read afresh: :meth:`redirect` may have moved us while we waited
             if edge.depth < edge.capacity or edge.send_channel.statistics().tasks_waiting_receive:
                 if not self._admits or self._ctx.budget.has_room(events, nbytes):
                     return
@@ -275,14 +329,13 @@ class BatchSender:
             ctx.budget.admit_nowait(n, nbytes)
         edge.queued_events += n
         edge.queued_bytes += nbytes
-        self._sent(n)
+        self._sent(edge, n)
         if ctx.taps:
             for tap in ctx.taps:
                 tap(batch)
 
-    def _sent(self, n: int) -> None:
-        """Count a completed send of ``n`` events."""
-        edge = self._edge
+    def _sent(self, edge: Edge, n: int) -> None:
+        """Count a completed send of ``n`` events on ``edge``."""
         edge.sent_batches += 1
         edge.sent_events += n
         if edge.depth_bound > edge.peak_depth:  # else the depth cannot be a new peak
@@ -293,30 +346,73 @@ class BatchSender:
         stats.sent_batches += 1
         stats.sent_events += n
 
+    def redirect(self, edge: Edge, then: Callable[[Edge], None]) -> bool:
+        """Send on ``edge`` from now on, switching at a batch boundary: at once unless a
+        batch is entering the old edge (the instant of trio's ``send`` after room was
+        found), else right after that — the batch stays on the old edge, whose consumer is
+        still reading. A ``send`` or ``wait_room`` waiting for room on the old edge has put
+        nothing there: it wakes and waits for room on ``edge``. ``then(old_edge)`` is called
+        right after the move, in the task that made it (it typically closes the old edge,
+        which ends that consumer's stream).
+
+        Returns False (and changes nothing) if this sender is already closed. Once it
+        returns True the move is committed: it happens even if nobody waits for it."""
+        if self._closed or self._next_edge is not None:
+            return False
+        self._next_edge, self._then = edge, then
+        if not self._in_send:
+            self._move()
+        return True
+
+    _then: Callable[[Edge], None] | None = None
+
+    def _move(self) -> None:
+        old, new, then = self._edge, self._next_edge, self._then
+        assert new is not None and then is not None
+        self._edge = new
+        self._next_edge = self._then = None
+        if old.room:
+            old.room.unpark_all()
+        then(old)
+
     async def aclose(self) -> None:
+        self._closed = True
         await self._edge.send_channel.aclose()
 
     def close(self) -> None:
+        self._closed = True
         self._edge.send_channel.close()
 
 
 class BatchReceiver:
-    """The receiving end a stage reads batches from: ``async for batch in rx``."""
+    """The receiving end a stage reads batches from: ``async for batch in rx``.
 
-    def __init__(self, edge: Edge, ctx: StageContext) -> None:
+    With ``opens``, nothing is received before that event is set (the edge buffers
+    meanwhile, so its sender meets back-pressure): the runtime holds a new chain's
+    first stage this way until the chain it replaces has finished."""
+
+    def __init__(self, edge: Edge, ctx: StageContext, *, opens: trio.Event | None = None) -> None:
         self._edge = edge
         self._ctx = ctx
+        self._opens = opens
 
     def statistics(self) -> EdgeStatistics:
         """Both ends' counters of this channel (see :class:`EdgeStatistics`)."""
         return self._edge.statistics()
 
     async def receive(self) -> Batch:
+        if self._opens is not None:
+            await self._opens.wait()
+            self._opens = None
         batch = await self._edge.receive_channel.receive()
         self._took(batch)
         return batch
 
     def receive_nowait(self) -> Batch:
+        if self._opens is not None:
+            if not self._opens.is_set():
+                raise trio.WouldBlock
+            self._opens = None
         batch = self._edge.receive_channel.receive_nowait()
         self._took(batch)
         return batch

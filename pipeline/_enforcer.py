@@ -46,6 +46,13 @@ class ResourceEnforcer:
         )
         self.evicted_entries = 0
 
+    def reconfigure(self, limits: LimitsConfig) -> None:
+        """Take new limits (a live reload): from the next period on; a memory-pressure
+        state already on stays on until the new limit releases it."""
+        self.interval_s = limits.enforce_interval_s
+        self.governor.max_memory_bytes = limits.max_memory_mb * 1024 * 1024
+        self.governor.max_map_entries = limits.max_map_entries
+
     @property
     def counts(self) -> dict[str, int]:
         return dict(self.governor.counts)

@@ -9,7 +9,10 @@ publish time, never per batch) and, when every node has started, wires them:
   that published it — so with several sources, each sampler controls the gates
   of the sources that feed it;
 * a :class:`TrimmableMaps` (a BPF program with growing maps) goes to the
-  resource enforcer, which trims it past ``limits.max_map_entries``.
+  resource enforcer, which trims it past ``limits.max_map_entries``;
+* a :class:`HeartbeatSource` (a source that can make a heartbeat event at its
+  origin) and a :class:`ProgramHealth` (a loaded BPF program the readiness
+  checks look at) go to the health monitor (``pipeline.health``).
 
 Publishing something that implements none of these is an error: a typo in a
 method name should fail at start, not silently leave a gate unwired.
@@ -21,7 +24,23 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Published", "SamplingController", "SamplingGate", "Services", "TrimmableMaps"]
+__all__ = [
+    "HEARTBEAT_EVENT",
+    "HeartbeatSource",
+    "ProgramHealth",
+    "Published",
+    "SamplingController",
+    "SamplingGate",
+    "Services",
+    "TrimmableMaps",
+]
+
+HEARTBEAT_EVENT = "heartbeat"
+"""The ``event_name`` of heartbeat batches: one or more agent-made events, each with a
+``marker`` field, that prove events flow end to end. Every stage sends them on
+untouched (``BatchStage.process`` never sees them; a ``Stage`` with its own ``run``
+must forward them), samplers never sample them, and the health monitor consumes
+them before the sink (``Outcome.HEARTBEAT``)."""
 
 
 @runtime_checkable
@@ -58,7 +77,32 @@ class TrimmableMaps(Protocol):
         """Delete the oldest entries of ``map_name`` down to ``keep``; returns how many."""
 
 
-SERVICE_PROTOCOLS: tuple[type, ...] = (SamplingGate, TrimmableMaps)
+@runtime_checkable
+class HeartbeatSource(Protocol):
+    """A source that can make a heartbeat event where its events originate (a BPF
+    program's tracepoint, fired by a syscall the agent makes)."""
+
+    def trigger_heartbeat(self, marker: int) -> None:
+        """Soon send one heartbeat batch (``event_name == HEARTBEAT_EVENT``) whose event
+        carries ``marker`` (0 <= marker < 2**31) through the pipeline. Never blocks."""
+
+
+@runtime_checkable
+class ProgramHealth(Protocol):
+    """A loaded BPF program, as the readiness checks see it. Both calls may block
+    briefly (a map lookup, a netlink query): the monitor runs them off the event loop."""
+
+    @property
+    def name(self) -> str: ...
+
+    def attachment_problem(self) -> str | None:
+        """None while every attachment is in place, else what is not (for people)."""
+
+    def maps_problem(self) -> str | None:
+        """None if the program's maps answer a lookup, else what failed (for people)."""
+
+
+SERVICE_PROTOCOLS: tuple[type, ...] = (SamplingGate, TrimmableMaps, HeartbeatSource, ProgramHealth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +119,20 @@ class Services:
 
     sampling_gates: list[Published] = field(default_factory=list)
     trimmable_maps: list[Published] = field(default_factory=list)
+    heartbeat_sources: list[Published] = field(default_factory=list)
+    program_health: list[Published] = field(default_factory=list)
 
     def publish(self, node: int, service: object) -> None:
         filed = False
-        if isinstance(service, SamplingGate):
-            self.sampling_gates.append(Published(node, service))
-            filed = True
-        if isinstance(service, TrimmableMaps):
-            self.trimmable_maps.append(Published(node, service))
-            filed = True
+        for protocol, where in (
+            (SamplingGate, self.sampling_gates),
+            (TrimmableMaps, self.trimmable_maps),
+            (HeartbeatSource, self.heartbeat_sources),
+            (ProgramHealth, self.program_health),
+        ):
+            if isinstance(service, protocol):
+                where.append(Published(node, service))
+                filed = True
         if not filed:
             names = ", ".join(p.__name__ for p in SERVICE_PROTOCOLS)
             raise TypeError(f"{type(service).__name__} implements no service protocol ({names})")
@@ -91,6 +140,16 @@ class Services:
     def gates(self) -> Iterator[SamplingGate]:
         for p in self.sampling_gates:
             assert isinstance(p.service, SamplingGate)
+            yield p.service
+
+    def heartbeats(self) -> Iterator[HeartbeatSource]:
+        for p in self.heartbeat_sources:
+            assert isinstance(p.service, HeartbeatSource)
+            yield p.service
+
+    def checked_programs(self) -> Iterator[ProgramHealth]:
+        for p in self.program_health:
+            assert isinstance(p.service, ProgramHealth)
             yield p.service
 
     def programs(self) -> Iterator[TrimmableMaps]:

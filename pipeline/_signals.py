@@ -28,7 +28,7 @@ __all__ = [
 log = logging.getLogger("bpfpipe.cli")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-HUP_MESSAGE = "SIGHUP: live reload is not implemented yet; carrying on"
+HUP_MESSAGE = "SIGHUP before the pipeline runs (or after it): not reloading; carrying on"
 
 
 def say(message: str) -> None:

@@ -14,6 +14,8 @@ Three shapes, from easiest to most control:
   control (batching, timers, fan-out). Such a stage must account for every event
   it receives: send it on, or call ``ctx.drop(...)``/``ctx.record(...)``. At end
   of stream the runtime records any remainder as dropped (reason ``unreported``).
+  It must send heartbeat batches (``batch.event_name == pipeline.HEARTBEAT_EVENT``)
+  on unchanged: the health check counts on seeing them after the last stage.
 
 Sources (:class:`Source`) and sinks (:class:`Sink`, :class:`BatchSink`) are the
 two ends. Every class has a ``Config`` (a ``msgspec.Struct``) that the runtime
@@ -35,7 +37,7 @@ import trio
 from ._batch import Batch
 from ._channel import BatchReceiver, BatchSender, InflightBudget
 from ._registry import decode_stage_config, resolve
-from ._services import Services
+from ._services import HEARTBEAT_EVENT, Services
 from .accounting import Ledger, Outcome
 from .config import Config
 from .config import Config as _Settings  # ``Config`` in a stage class is its own config
@@ -302,7 +304,8 @@ class Stage(_Configurable, ABC):
 
 
 class BatchStage(Stage):
-    """A sync per-batch transform; the runtime drives the loop."""
+    """A sync per-batch transform; the runtime drives the loop. Heartbeat batches
+    (``pipeline.HEARTBEAT_EVENT``) are sent on untouched; ``process`` never sees them."""
 
     @abstractmethod
     def process(self, batch: Batch) -> Batch | None:
@@ -319,6 +322,9 @@ class BatchStage(Stage):
         process = self.process
         task_status.started()
         async for batch in rx:
+            if batch.event_name == HEARTBEAT_EVENT:  # a probe of the pipeline, not an event to process
+                await tx.send(batch)
+                continue
             try:
                 out = process(batch)
             except Exception as exc:

@@ -90,5 +90,9 @@ class ConfigWatcher:
                 continue
             current = seen
             self.changes += 1
-            log.info("config file changed: reloading", extra={"path": self.path, "target": seen.target})
+            # The count in the text keeps consecutive changes from folding into one log line.
+            log.info(
+                f"config file changed ({self.changes}): reloading",
+                extra={"path": self.path, "target": seen.target},
+            )
             await self.on_change()

@@ -41,6 +41,10 @@ class Outcome(enum.StrEnum):
     """Dropped by a stage, with the stage's name and a reason."""
     FALLBACK = "fallback"
     """Handed to a circuit breaker's fallback (e.g. the spool file)."""
+    HEARTBEAT = "heartbeat"
+    """An agent-made probe (``pipeline.HEARTBEAT_EVENT``): produced at the source like any
+    event, carried through every stage, and consumed right before the sink by the health
+    monitor, which records it here. Never delivered."""
 
 
 @dataclass(frozen=True, slots=True, order=True)

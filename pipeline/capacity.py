@@ -186,7 +186,7 @@ def render(work: Workload, cal: Calibration, rec: Recommendation) -> str:
         f"#   {cal.per_event_us:g} us/event + {cal.per_batch_us:g} us/batch, base RSS {cal.base_rss_mb:g} MB",
         f"# batches: {rec.events_per_batch:g} events each, {rec.batches_per_s:g}/s",
         f"# expected CPU: {rec.expected_cpu_cores:g} cores; "
-        f"capacity {rec.capacity_per_s:g} events/s ({sampled})",
+        f"capacity {rec.capacity_per_s:,.0f} events/s ({sampled})",
         f"ring_buffer_size = {rec.ring_buffer_bytes}  # {rec.ring_buffer_pages} pages, "
         f"{rec.record_bytes}-byte records",
         "",

@@ -3,9 +3,19 @@
     bpfpipe run [--config FILE] [--source NAME] [--sink NAME] [--duration S]
     bpfpipe check CONFIG
     bpfpipe --version
+    bpfpipe diag | top | tap STAGE   (clients of a running agent: pipeline._diag; exit 4 = no agent)
 
 Errors are one line on stderr and an exit code (1 runtime, 2 config/usage,
-3 BPF unavailable); a traceback only with ``--debug`` (or ``enable_debug``).
+3 BPF unavailable); a traceback only with ``--debug`` (or ``enable_debug``). A
+startup failure other than a config error ends with ``(startup step: <step>)``.
+
+``run`` starts and stops in the seed's order, one ``bpfpipe.steps`` log line per
+step (``pipeline._lifecycle``; README "Lifecycle"): load config → initialise
+metrics → load programs → create maps → attach → start health server → mark
+ready; on a stop: not ready → stop reading → drain → detach programs → final
+metrics snapshot → close maps → unload. With ``$NOTIFY_SOCKET`` set it speaks
+sd_notify (``pipeline._notify``): ``STATUS=`` per step, ``READY=1``,
+``STOPPING=1``, and ``WATCHDOG=1`` when ``$WATCHDOG_USEC`` is set.
 
 Signals, at any moment after ``main`` is entered:
 
@@ -13,11 +23,14 @@ Signals, at any moment after ``main`` is entered:
   BPF compile and attach): one line ``bpfpipe: interrupted during startup`` and
   exit 130 (SIGINT) or 143 (SIGTERM). A BPF compile in progress is let finish
   first (a few seconds at most); further signals meanwhile change nothing.
-* The first SIGINT/SIGTERM once running: graceful stop (the source stops, what
-  was admitted drains), the accounting line, exit 0. The drain has a deadline,
+* The first SIGINT/SIGTERM once running: graceful stop (readiness 503 at once,
+  the source stops reading, what was admitted drains, then programs are
+  detached), the accounting line, exit 0. The drain has a deadline,
   ``shutdown.drain_timeout_s``; past it the pipeline aborts and exits 1.
 * A second SIGINT/SIGTERM while draining: abort (leftovers recorded as dropped,
-  reason ``shutdown``), the accounting line, exit 130/143 for that second signal.
+  reason ``shutdown``; one line says the drain was skipped and how many events it
+  abandoned; programs are still detached and unloaded), the accounting line,
+  exit 130/143 for that second signal.
 * SIGHUP: logged and ignored until live reload exists.
 * Once the pipeline has finished, signals are ignored while the report is written.
 
@@ -36,7 +49,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # Only light imports here: main() installs the signal handlers before the heavy ones.
 from . import __version__
@@ -49,9 +62,13 @@ examples:
   bpfpipe run --source synthetic --duration 5  try the pipeline without a kernel
   bpfpipe run --config /etc/bpfpipe.toml --sink null
   bpfpipe check /etc/bpfpipe.toml              validate; print the effective config
+  bpfpipe diag                                 ask the running agent for its report
 environment: BPFPIPE_CONFIG (config file), BPF_LOG_LEVEL, METRICS_PORT, BPF_DEBUG
-exit codes: 0 ok, 1 runtime failure, 2 bad config or usage, 3 BPF unavailable,
-  130/143 interrupted by SIGINT/SIGTERM during startup (or aborted by a second one)
+exit codes: 0 ok (also a graceful stop by SIGINT/SIGTERM), 1 runtime failure (or a
+  drain past shutdown.drain_timeout_s), 2 bad config or usage (busy port included),
+  3 BPF unavailable or rejected, 130/143 interrupted by SIGINT/SIGTERM during startup
+  (or a drain aborted by a second one); diag/top/tap: 4 no agent answering
+systemd: Type=notify via $NOTIFY_SOCKET (READY=1, STATUS=, STOPPING=1, WATCHDOG=1)
 """
 
 
@@ -98,7 +115,66 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print the effective config")
     check.add_argument("config", metavar="CONFIG", nargs="?", help="TOML config (default: $BPFPIPE_CONFIG)")
     common(check)
+    _add_client_commands(sub)
+    from ._plan import add_capacity_parser  # stdlib only
+
+    add_capacity_parser(sub)
     return parser
+
+
+CLIENT_EXIT_CODES = """\
+exit codes: 0 ok (diag: healthy), 1 unhealthy (diag) or the agent answered wrongly,
+  2 bad usage or config (unknown stage, wrong token), 4 no agent answering
+"""
+
+
+def _add_client_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """``diag``, ``top`` and ``tap``: clients of a running agent (see ``pipeline._diag``)."""
+
+    def client(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name,
+            help=help_text,
+            epilog=f"examples:\n{examples}{CLIENT_EXIT_CODES}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--config", metavar="FILE", help="the agent's config, for its ports (default: $BPFPIPE_CONFIG)"
+        )
+        return p
+
+    def health_address(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", metavar="H", help="agent address (default: loopback, or health_bind)")
+        p.add_argument("--port", type=int, metavar="P", help="health port (default: health_check_port)")
+
+    diag = client(
+        "diag",
+        "report on a running agent: programs, maps, performance, health",
+        "  bpfpipe diag                       ask the agent on 127.0.0.1:health_check_port\n"
+        "  bpfpipe diag --port 18080\n",
+    )
+    health_address(diag)
+    diag.add_argument("--timeout", type=_positive_seconds, default=5.0, metavar="S", help="HTTP timeout")
+    top = client(
+        "top",
+        "live view of a running agent (q or Ctrl-C quits)",
+        "  bpfpipe top --interval 2\n",
+    )
+    health_address(top)
+    top.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="S", help="refresh every S s")
+    tap = client(
+        "tap",
+        "print live events leaving a stage, as JSON lines (admin API)",
+        "  bpfpipe tap decoder --count 5      5 events leaving the stage 'decoder'\n",
+    )
+    tap.add_argument("stage", metavar="STAGE", help="the stage's name (as in /status)")
+    tap.add_argument("--count", type=int, default=10, metavar="N", help="events to print (default 10)")
+    tap.add_argument(
+        "--timeout", type=_positive_seconds, default=10.0, metavar="S", help="give up after S s (default 10)"
+    )
+    tap.add_argument("--admin-host", metavar="H", help="admin address (default: loopback, or admin_bind)")
+    tap.add_argument("--admin-port", type=int, metavar="P", help="admin port (default: admin_port)")
+    tap.add_argument("--token-file", metavar="F", help="bearer token file (default: admin_token_file)")
 
 
 def _find_error(exc: BaseException) -> BpfpipeError | None:
@@ -118,6 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         debug = args.debug or os.environ.get("BPF_DEBUG", "").lower() in {"1", "true", "yes", "on"}
+        if args.command == "capacity":
+            from ._plan import cmd_capacity
+
+            return cmd_capacity(args)
+        if args.command in ("diag", "top", "tap"):
+            from . import _diag  # the clients: urllib, and rich for top
+
+            return int(getattr(_diag, f"cmd_{args.command}")(args))
         from ._commands import cmd_check, cmd_run  # numpy, trio, the stages: ~0.2 s
 
         return cmd_run(args) if args.command == "run" else cmd_check(args)

@@ -128,6 +128,9 @@ class Config(_Section, frozen=True):
     admin_bind: Bind = "127.0.0.1"
     """Loopback by default; any other address requires ``admin_token_file``."""
     admin_token_file: str = ""
+    watch_config: bool = True
+    """Reload when the config file changes (a Kubernetes ConfigMap swap, an editor's save);
+    the same validated reload as SIGHUP. Only when started with a config file."""
     """A file holding the bearer token the admin API requires (when set, also on loopback)."""
     bpf_map_size: Positive = 65536
     ring_buffer_size: Positive = 262144
@@ -313,12 +316,7 @@ def decode_config(raw: Mapping[str, Any]) -> Config:
         raise config_error_from(exc, raw, Config) from None
 
 
-NOT_YET_USED: dict[str, str] = {
-    "metrics_port": "accepted, not used yet: the Prometheus exporter is not built",
-    "health_check_port": "accepted, not used yet: the health server is not built",
-    "feature_flags.new_parser": "accepted, not used yet: no alternative parser exists",
-    "feature_flags.enhanced_metrics": "accepted, not used yet: the Prometheus exporter is not built",
-}
+NOT_YET_USED: dict[str, str] = {}
 """Keys the config accepts that nothing reads yet, and why; ``bpfpipe check`` says so
 beside each. A key leaves this table in the change that makes something read it."""
 

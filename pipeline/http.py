@@ -59,6 +59,9 @@ class Request:
     headers: Mapping[str, str]
     """Lower-cased names; repeated headers joined with ``, ``."""
     body: bytes = b""
+    receive: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    """The ASGI ``receive`` once the body is read: a streaming handler awaits it to
+    learn that the client went away (``{"type": "http.disconnect"}``)."""
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The first value of query parameter ``name``."""
@@ -183,7 +186,7 @@ def asgi_app(
             if not message.get("more_body", False):
                 break
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        request = Request(method, scope["path"], query, headers, bytes(body))
+        request = Request(method, scope["path"], query, headers, bytes(body), receive)
         if guard is not None:
             guard(request)
         return await handler(request)

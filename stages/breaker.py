@@ -22,6 +22,9 @@ What counts as a failure, and what happens to the batch:
   longer than ``stage_timeout_s`` counts as a failure, and its result is still
   used. A sync primary that hangs hangs the stage — bound its I/O itself.
 
+Heartbeat batches (``pipeline.HEARTBEAT_EVENT``) pass a breaker stage untouched:
+they never reach the primary, the fallback or the breaker's counts.
+
 While the breaker is open, batches go straight to the fallback (reason
 ``circuit open``). Events the fallback cannot take (a full spool) are dropped
 with reason ``spool full``; if the fallback itself raises, the batch is dropped
@@ -53,6 +56,7 @@ import msgspec
 import trio
 
 from pipeline import (
+    HEARTBEAT_EVENT,
     Batch,
     BatchReceiver,
     BatchSender,
@@ -227,6 +231,13 @@ class _Guard:
         assert isinstance(target, BatchSink)
         return _SinkFallback(target)
 
+    def reconfigure(self, config: CircuitBreakerConfig) -> None:
+        """New thresholds while running: the breaker's state and streak are kept (a streak
+        already at a lowered threshold opens it at the next failure)."""
+        self.timeout_s = config.stage_timeout_s or math.inf
+        self.breaker.failure_threshold = config.failure_threshold
+        self.breaker.reset_timeout_s = config.reset_timeout_s
+
     # -- routing ---------------------------------------------------------------------
     async def route(self, batch: Batch) -> tuple[bool, Batch | None]:
         """Send one batch where the breaker says. ``(True, result)`` if the primary
@@ -332,6 +343,7 @@ class _Wrapping:
     _bound_fallback: ClassVar[_Bound | None] = None
     _primary_kind: ClassVar[type[Any]]
     """What the primary must be: a ``Stage`` or a ``BatchSink``."""
+    config: CircuitBreakerConfig
 
     def __init__(self, config: CircuitBreakerConfig, ctx: StageContext) -> None:
         super().__init__(config, ctx)  # type: ignore[call-arg]  # the Stage/Sink base takes them
@@ -342,6 +354,17 @@ class _Wrapping:
             bound_primary=self._bound_primary,
             bound_fallback=self._bound_fallback,
         )
+
+    live_config_fields: ClassVar[frozenset[str]] = frozenset(
+        {"failure_threshold", "reset_timeout_s", "stage_timeout_s"}
+    )
+    """What :meth:`reconfigure` takes live (a config reload); a new primary or fallback
+    needs a new stage (the reload switches the chain)."""
+
+    def reconfigure(self, config: CircuitBreakerConfig) -> None:
+        """Take new ``failure_threshold``, ``reset_timeout_s`` and ``stage_timeout_s``."""
+        self.guard.reconfigure(config)
+        self.config = config
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -388,6 +411,9 @@ class CircuitBreakerStage(_Wrapping, Stage):
         task_status.started()
         try:
             async for batch in rx:
+                if batch.event_name == HEARTBEAT_EVENT:  # not the primary's to process
+                    await tx.send(batch)
+                    continue
                 took, out = await guard.route(batch)
                 if not took:
                     continue

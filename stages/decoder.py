@@ -36,6 +36,15 @@ Design
   does for a ``BatchStage`` whose ``process`` raises.
 * Batches without raw records (already decoded, or from another source) pass
   through unchanged.
+* **Two parsers** (``config.parser``; unset: ``feature_flags.new_parser`` picks
+  ``strict``, else ``lenient``; switchable live by a config reload). ``lenient``
+  (the default) checks only lengths and types, as above; a C string is read up to
+  its first NUL, or the whole field if it has none, and exporters replace invalid
+  UTF-8. ``strict`` also drops — recorded with reason ``malformed``, counted in
+  ``strict_rejected_events`` — every event with a char-array field that has no
+  NUL within the field (a truncated or garbage string) or whose text before the
+  NUL is not valid UTF-8. Vectorised: numpy finds the NULs and the non-ASCII
+  bytes; only events with non-ASCII text are checked one by one.
 
 Per-event access for plug-in authors: :func:`event_view` gives a
 ``msgspec.Struct`` per event (class generated from the dtype, C strings as
@@ -47,22 +56,25 @@ path — there, use numpy on ``batch.events``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 import trio
 
-from pipeline import Batch, BatchReceiver, BatchSender, Stage
+import pipeline
+from pipeline import HEARTBEAT_EVENT, Batch, BatchReceiver, BatchSender, Stage, StageContext
 
 from .raw_records import EventSchema, RawRecords
 
 __all__ = [
     "Decoded",
     "Decoder",
+    "DecoderConfig",
+    "bad_strings",
     "decode_records",
     "event_struct",
     "event_view",
@@ -207,8 +219,70 @@ def decode_records(batch: Batch) -> Decoded:
     return Decoded(out, malformed, malformed_weight)
 
 
+def bad_strings(events: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """Per event: whether a char-array field has no NUL within it, or text before its
+    first NUL that is not valid UTF-8 (the ``strict`` parser's rule; pure)."""
+    bad = np.zeros(len(events), dtype=bool)
+    fields: Mapping[str, Any] = events.dtype.fields or {}
+    for name in events.dtype.names or ():
+        dtype = fields[name][0]
+        if dtype.kind != "S" or not len(events):
+            continue
+        width = dtype.itemsize
+        raw = np.ascontiguousarray(events[name]).view(np.uint8).reshape(len(events), width)
+        nul = raw == 0
+        terminated = nul.any(axis=1)
+        bad |= ~terminated
+        text_end = np.where(terminated, nul.argmax(axis=1), width)
+        non_ascii = ((raw >= 0x80) & (np.arange(width) < text_end[:, None])).any(axis=1) & ~bad
+        for i in np.flatnonzero(non_ascii).tolist():
+            try:
+                raw[i, : text_end[i]].tobytes().decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    return bad
+
+
+class DecoderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    parser: Literal["lenient", "strict"] | None = None
+    """Which checks decoded events must pass (module docstring); unset:
+    ``strict`` when ``feature_flags.new_parser`` is on, else ``lenient``."""
+
+
 class Decoder(Stage):
     """Raw ring-buffer records in, one typed batch per event type out."""
+
+    Config = DecoderConfig
+    config: DecoderConfig = DecoderConfig(parser="lenient")
+    """The resolved config (the class's own: the lenient parser, for a decoder used
+    without being constructed, e.g. only for :meth:`process`)."""
+    strict_rejected_events = 0
+
+    @classmethod
+    def resolve_config(cls, config: DecoderConfig, settings: pipeline.Config) -> DecoderConfig:
+        if config.parser is not None:
+            return config
+        return DecoderConfig(parser="strict" if settings.feature_flags.new_parser else "lenient")
+
+    def __init__(self, config: DecoderConfig, ctx: StageContext) -> None:
+        super().__init__(self.resolve_config(config, ctx.settings), ctx)
+        self.strict_rejected_events = 0
+
+    def reconfigure(self, config: DecoderConfig) -> None:
+        """Switch parsers while running (a config reload): from the next batch on."""
+        self.config = self.resolve_config(config, self.ctx.settings)
+
+    def _checked(self, batch: Batch) -> Batch | None:
+        """``batch`` less what the strict parser rejects (recorded); as is when lenient."""
+        if self.config.parser != "strict" or batch.event_name == HEARTBEAT_EVENT:
+            return batch
+        bad = bad_strings(batch.events)
+        rejected = int(np.count_nonzero(bad))
+        if not rejected:
+            return batch
+        self.strict_rejected_events += rejected
+        self.ctx.drop(rejected, float(batch.weights[bad].sum()), reason="malformed")
+        return batch.select(~bad) if rejected < len(batch) else None
 
     def process(self, batch: Batch) -> Batch | None:
         """Decode a batch that holds (at most) one event type; other batches come back
@@ -226,7 +300,7 @@ class Decoder(Stage):
                 f"batch holds {len(decoded.batches)} event types; Decoder.process returns one "
                 "batch — use decode_records() (Decoder.run sends one batch per type)"
             )
-        return decoded.batches[0] if decoded.batches else None
+        return self._checked(decoded.batches[0]) if decoded.batches else None
 
     async def run(
         self,
@@ -250,7 +324,9 @@ class Decoder(Stage):
             if decoded.malformed:
                 ctx.drop(decoded.malformed, decoded.malformed_weight, reason="malformed")
             for out in decoded.batches:
-                await tx.send(out)
+                checked = self._checked(out)
+                if checked is not None:
+                    await tx.send(checked)
 
 
 # -- per-event views ----------------------------------------------------------------------

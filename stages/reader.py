@@ -21,6 +21,15 @@ Then the source's ledger balances exactly::
 
     produced == sent + kernel_sampled_out + lost_on_reserve + drained
 
+Run by the agent (``bpfpipe run``), shutdown follows the seed's order instead
+(``pipeline._lifecycle``): after :meth:`RingBufferReader.defer_program_shutdown`,
+stopping only stops reading — what the ring holds at that moment is sent on
+(in flight), the program stays attached while the chain drains — and the agent
+then calls :meth:`~RingBufferReader.detach_programs` (what the kernel wrote
+since reading stopped is recorded as drained, reason ``shutdown: after stop
+reading``), :meth:`~RingBufferReader.close_maps` and
+:meth:`~RingBufferReader.unload_programs`. The same equation holds.
+
 Weights: a record stands for ``rate`` events (its header's sampling rate), so
 sampled-out events carry weight 0 (the kept ones stand for them), and lost or
 drained events the rate last seen in the ring.
@@ -62,7 +71,9 @@ from bpf.ringbuf import RingBuffer, RingRead, SkipResult
 from pipeline import (
     Batch,
     BatchSender,
+    HeartbeatSource,
     Outcome,
+    ProgramHealth,
     SamplingGate,
     Source,
     StageContext,
@@ -91,7 +102,8 @@ class RingProgram(EventTypes, Protocol):
     schema), its ring and its counters. An optional ``detach()`` (stop the program,
     keep its maps) makes shutdown exact even if ``kernel_stats()`` stops working
     after ``close()``; an optional ``ring_wakeup`` (a :class:`RingWakeup`, or None)
-    moderates the kernel's wake-ups."""
+    moderates the kernel's wake-ups; an optional ``heartbeat`` (a
+    :class:`pipeline.HeartbeatSource`, or None) is published for the health monitor."""
 
     @property
     def name(self) -> str: ...
@@ -213,10 +225,13 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
 class RingBufferReaderStatistics:
     ring_size_bytes: int
     ring_usage: float
-    """Fraction of the ring in use when last looked at (before reading)."""
+    """Fraction of the ring in use now (read from the ring's positions; after the ring
+    is closed, as last looked at)."""
     peak_ring_usage: float
     batches: int
     records_read: int
+    bytes_read: int
+    """Ring bytes consumed by reads (records with their 8-byte headers, padding included)."""
     records_drained: int
     records_discarded: int
     wakeups: int
@@ -240,7 +255,7 @@ class RingBufferReader(Source):
         super().__init__(config, ctx)
         self.program: RingProgram | None = None
         self.schema: EventSchema | None = None
-        self.ring_usage = 0.0
+        self._last_usage = 0.0
         self.peak_ring_usage = 0.0
         self._ring: ReadableRing | None = None
         self._ring_size_bytes = 0
@@ -249,6 +264,7 @@ class RingBufferReader(Source):
         self._last_rate = 1.0
         self._seq = 0
         self._records_read = 0
+        self._bytes_read = 0
         self._records_drained = 0
         self._records_discarded = 0
         self._wakeups = 0
@@ -257,6 +273,10 @@ class RingBufferReader(Source):
         self._wakeup_threshold_bytes = 0
         self._drain_policy = DrainPolicy(config.drain_high_watermark, config.drain_low_watermark)
         self._draining = False
+        self._deferred = False
+        """The agent runs the late shutdown steps (see Shutdown in the module docstring)."""
+        self._detached_by_owner = False
+        self._unloaded = False
 
     # -- hooks (tests override these with simulated ones) -----------------------------
     @classmethod
@@ -285,8 +305,15 @@ class RingBufferReader(Source):
             ring_buffer_size=cfg.ring_buffer_size or self.ctx.settings.ring_buffer_size,
             map_size=cfg.map_size or self.ctx.settings.bpf_map_size,
             options=dict(cfg.options),
+            prepare=self._prepare_maps,
         )
         return program
+
+    def _prepare_maps(self, program: RingProgram) -> None:
+        """Initial map values, before the program is attached: the wake-up threshold."""
+        wakeup: RingWakeup | None = getattr(program, "ring_wakeup", None)
+        if wakeup is not None:
+            wakeup.set_threshold(int(self.config.wakeup_watermark * program.ring_size_bytes))
 
     def open_ring(self, program: RingProgram) -> ReadableRing:
         return RingBuffer(program.ring_map_fd, program.ring_size_bytes)
@@ -303,6 +330,7 @@ class RingBufferReader(Source):
             peak_ring_usage=self.peak_ring_usage,
             batches=self._seq,
             records_read=self._records_read,
+            bytes_read=self._bytes_read,
             records_drained=self._records_drained,
             records_discarded=self._records_discarded,
             wakeups=self._wakeups,
@@ -350,8 +378,11 @@ class RingBufferReader(Source):
         if self._wakeup is not None:
             self._wakeup_threshold_bytes = int(self.config.wakeup_watermark * self._ring_size_bytes)
             self._wakeup.set_threshold(self._wakeup_threshold_bytes)
-        if isinstance(program, SamplingGate | TrimmableMaps):
+        if isinstance(program, SamplingGate | TrimmableMaps | ProgramHealth):
             self.ctx.publish(program)  # its gate to the sampler, its maps to the enforcer
+        heartbeat = getattr(program, "heartbeat", None)
+        if isinstance(heartbeat, HeartbeatSource):
+            self.ctx.publish(heartbeat)  # the health monitor's end-to-end probe
         self.ctx.log.info(
             "reading ring buffer of BPF program %r (%d bytes)",
             program.name,
@@ -363,7 +394,10 @@ class RingBufferReader(Source):
             await self._pump(tx)
         finally:
             with trio.CancelScope(shield=True):
-                await self._shutdown(tx)
+                if self._deferred:
+                    await self._stop_reading(tx)
+                else:
+                    await self._shutdown(tx)
 
     async def _pump(self, tx: BatchSender) -> None:
         cfg = self.config
@@ -413,8 +447,16 @@ class RingBufferReader(Source):
             trio.lowlevel.notify_closing(edges.fileno())
             edges.close()
 
+    @property
+    def ring_usage(self) -> float:
+        """Fraction of the ring in use now: two loads from the ring's mapped pages, so
+        a scrape sees the ring as it is, also while the reader waits on downstream."""
+        if self._ring is not None:
+            self._observe_usage(self._ring.usage())
+        return self._last_usage
+
     def _observe_usage(self, usage: float) -> None:
-        self.ring_usage = usage
+        self._last_usage = usage
         if usage > self.peak_ring_usage:
             self.peak_ring_usage = usage
 
@@ -425,6 +467,7 @@ class RingBufferReader(Source):
             return None
         assert self.schema is not None
         self._records_read += read.records
+        self._bytes_read += len(read.raw)
         batch = raw_batch(read, self.schema, source=self.ctx.name, seq=self._seq)
         self._seq += 1
         self._last_rate = float(batch.weights[-1])
@@ -547,28 +590,106 @@ class RingBufferReader(Source):
                 if settled or trio.current_time() >= deadline:
                     break
                 await trio.sleep(0.001)  # a program run on another CPU is finishing
-            residual = self._accountant.abandon()
-            if residual:
-                self.ctx.log.warning(
-                    "%d events of program %r never became readable before the shutdown "
-                    "deadline; recorded as drained",
-                    residual,
-                    self.program.name,
-                    extra={"stage": self.ctx.name},
-                )
-                self.ctx.record_unadmitted(
-                    Outcome.DRAINED, residual, residual * self._last_rate, reason="shutdown: unreadable"
-                )
-            elif self._accountant.unresolved < 0:
-                self.ctx.log.warning(
-                    "kernel counters of program %r account for %d fewer events than were read",
-                    self.program.name,
-                    -self._accountant.unresolved,
-                    extra={"stage": self.ctx.name},
-                )
+            self._abandon_residual()
         finally:
             if not closed:
                 self.program.close()
             trio.lowlevel.notify_closing(ring.fileno())
             ring.close()
             self._ring = None
+
+    def _abandon_residual(self) -> None:
+        """The shutdown deadline passed: what never became readable is drained."""
+        assert self.program is not None
+        residual = self._accountant.abandon()
+        if residual:
+            self.ctx.log.warning(
+                "%d events of program %r never became readable before the shutdown "
+                "deadline; recorded as drained",
+                residual,
+                self.program.name,
+                extra={"stage": self.ctx.name},
+            )
+            self.ctx.record_unadmitted(
+                Outcome.DRAINED, residual, residual * self._last_rate, reason="shutdown: unreadable"
+            )
+        elif self._accountant.unresolved < 0:
+            self.ctx.log.warning(
+                "kernel counters of program %r account for %d fewer events than were read",
+                self.program.name,
+                -self._accountant.unresolved,
+                extra={"stage": self.ctx.name},
+            )
+
+    # -- shutdown run by the agent, in the seed's order (pipeline._lifecycle) ----------
+    def defer_program_shutdown(self) -> None:
+        """Stopping will only stop reading: the program stays attached (and the ring
+        mapped) until :meth:`detach_programs`, :meth:`close_maps` and
+        :meth:`unload_programs` are called, after the chain has drained."""
+        self._deferred = True
+
+    async def _stop_reading(self, tx: BatchSender) -> None:
+        """Deferred stop: send on what the ring holds now (events that happened before
+        the stop: in flight), then return with the program attached."""
+        ring = self._ring
+        if self.program is None or ring is None:
+            return
+        deadline = trio.current_time() + self.config.shutdown_timeout_s
+        if self._unsent is not None:  # cancelled while sending
+            unsent, self._unsent = self._unsent, None
+            await self._send_or_drain(tx, unsent, deadline)
+        while True:
+            read = ring.read_batch(self.config.max_batch_records)
+            batch = self._take(read)
+            if batch is not None:
+                await self._send_or_drain(tx, batch, deadline)
+            if read.records < self.config.max_batch_records or trio.current_time() >= deadline:
+                break
+
+    async def detach_programs(self, *, wait_s: float) -> tuple[int, int]:
+        """Detach; what the kernel wrote since reading stopped is recorded as drained
+        (reason ``shutdown: after stop reading``), waiting up to ``wait_s`` for program
+        runs in flight on other CPUs. Returns (programs detached: 0 or 1, those events)."""
+        ring = self._ring
+        if self.program is None or ring is None or self._detached_by_owner:
+            return 0, 0
+        self._detached_by_owner = True
+        closed = self._stop_program()
+        deadline = trio.current_time() + wait_s
+        after_stop = 0
+        while True:
+            while skipped := self.drain_oldest(reason="shutdown: after stop reading"):
+                after_stop += skipped
+            counters = None if closed else self._final_counters()
+            if counters is None:
+                break
+            self._apply(self._accountant.observe(counters))
+            settled = counters.in_flight == 0 and self._accountant.readable_backlog <= 0
+            if settled or trio.current_time() >= deadline:
+                break
+            await trio.sleep(0.001)
+        self._abandon_residual()
+        return 1, after_stop
+
+    def close_maps(self) -> int:
+        """Close user space's handles on the maps: the ring's and the wake-up map's mmaps."""
+        closed = 0
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            trio.lowlevel.notify_closing(ring.fileno())
+            ring.close()
+            closed += 1
+        close_wakeup = getattr(self._wakeup, "close", None)
+        if callable(close_wakeup):
+            close_wakeup()
+            closed += 1
+        return closed
+
+    def unload_programs(self) -> int:
+        """Free the program (bcc's module: program fds and map fds). Idempotent."""
+        program = self.program
+        if program is None or self._unloaded:
+            return 0
+        self._unloaded = True
+        program.close()  # idempotent: a program without detach() was closed when detached
+        return 1

@@ -60,6 +60,9 @@ arriving the very instant the bucket emptied (``q = 0``) has no event to carry i
 weight: the next events that pass carry it. Once ``N`` holds the cap the bucket is
 (nearly) full and batches pass it untouched.
 
+Heartbeat batches (``pipeline.HEARTBEAT_EVENT``) are sent on as they come: never
+sampled, never capped, and not fed to the policy.
+
 Timing: a task in the stage runs one policy adjustment every ``adjust_period_s``
 on trio's clock, also while the stage is blocked sending (that is when the fill is
 most telling). Each change of ``N`` is logged once (logger ``bpfpipe.sampler``)
@@ -80,6 +83,7 @@ import trio
 
 import pipeline
 from pipeline import (
+    HEARTBEAT_EVENT,
     Batch,
     BatchReceiver,
     BatchSender,
@@ -206,6 +210,27 @@ class AdaptiveSampler(Stage):
         self.gates.append(gate)
         self._push_to(gate, self.policy.rate)
 
+    def reconfigure(self, config: AdaptiveSamplerConfig) -> None:
+        """Take new bounds and knobs while running (a config reload): the policy uses them
+        from its next adjustment, N is clamped into the new ``[min_sample_rate,
+        max_sample_rate]`` at once (and pushed to the gates), the rate cap's bucket is
+        rebuilt if the cap changed, and a new ``seed`` reseeds the draw. What the policy
+        has learned (the consumer's capacity) is kept."""
+        if config.max_events_per_sec is None:
+            config = self.resolve_config(config, self.ctx.settings)
+        old, self.config = self.config, config
+        policy = self.policy
+        policy.params = policy.capacity.params = config
+        if config.seed != old.seed:
+            self._rng = np.random.default_rng(config.seed)
+        if (config.cap_per_s, config.adjust_period_s) != (old.cap_per_s, old.adjust_period_s):
+            self._bucket = self._new_bucket(now=trio.current_time())
+        rate = min(config.max_sample_rate, max(policy.rate, config.min_sample_rate))
+        if rate != policy.rate:
+            log.info("sampling rate %d -> %d (new bounds)", policy.rate, rate, extra={"stage": self.ctx.name})
+            policy.rate = rate
+            self._push(rate)
+
     def statistics(self) -> SamplerStatistics:
         return SamplerStatistics(
             sample_rate=self.policy.rate,
@@ -234,6 +259,9 @@ class AdaptiveSampler(Stage):
             nursery.start_soon(self._adjust_loop, tx)
             task_status.started()
             async for batch in rx:
+                if batch.event_name == HEARTBEAT_EVENT:  # never sampled, and no load
+                    await tx.send(batch)
+                    continue
                 lag_s = (time.monotonic_ns() - batch.read_time_ns) / 1e9
                 policy.observe(fill=tx.fill, lag_s=lag_s, weighted_events=batch.weight_sum)
                 out = self.sample(batch, trio.current_time())

@@ -10,6 +10,11 @@ optionally as a square-wave burst pattern.
 
 Back-pressure blocks this source (it stands in for a producer that waits); it
 never lets credit pile up beyond one batch, so it does not burst to catch up.
+
+It is a :class:`pipeline.HeartbeatSource`: ``trigger_heartbeat(marker)`` makes it
+send, at once (or as soon as back-pressure lets it), a one-event batch named
+``"heartbeat"`` (:data:`HEARTBEAT_DTYPE`: ``ts_ns``, ``marker``, ``tgid``), counted
+as produced like any event.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 import trio
 
-from pipeline import Batch, BatchSender, Source, StageContext
+from pipeline import HEARTBEAT_EVENT, Batch, BatchSender, Source, StageContext
 
 SYNTHETIC_DTYPE = np.dtype(
     [
@@ -38,7 +43,10 @@ SYNTHETIC_DTYPE = np.dtype(
 
 
 EVENT_NAME = "synthetic"
-"""The ``event_name`` of every batch this source sends."""
+"""The ``event_name`` of every batch this source sends (but heartbeats)."""
+
+HEARTBEAT_DTYPE = np.dtype([("ts_ns", "<u8"), ("marker", "<u8"), ("tgid", "<u4")])
+"""A heartbeat event: the fields the kernel's heartbeat has beyond its header."""
 
 
 class SyntheticConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -74,12 +82,39 @@ class SyntheticSource(Source):
         template["value"] = rng.integers(0, 1 << 32, size)
         self._template = template
         self._offsets = np.arange(size, dtype=np.uint64)
+        self._heartbeats: list[int] = []
+        self._asked = trio.Event()
+        """Set by ``trigger_heartbeat``: ends the source's wait for its next batch."""
+
+    def trigger_heartbeat(self, marker: int) -> None:
+        """Send a heartbeat carrying ``marker`` before the next batch (never blocks)."""
+        self._heartbeats.append(marker)
+        self._asked.set()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep until the next batch is due, or until a heartbeat is asked for."""
+        with trio.move_on_after(seconds):
+            await self._asked.wait()
+        if self._asked.is_set():
+            self._asked = trio.Event()
 
     def rate_at(self, elapsed_s: float) -> float:
         cfg = self.config
         if cfg.burst_period_s > 0 and (elapsed_s % cfg.burst_period_s) < cfg.burst_duty * cfg.burst_period_s:
             return cfg.rate_per_s * cfg.burst_factor
         return cfg.rate_per_s
+
+    async def _send_heartbeats(self, tx: BatchSender, batch_no: int) -> int:
+        n = len(self._heartbeats)
+        await tx.wait_room(n, n * (HEARTBEAT_DTYPE.itemsize + 8))
+        markers, self._heartbeats = self._heartbeats[:n], self._heartbeats[n:]
+        events: np.ndarray[Any, Any] = np.zeros(len(markers), dtype=HEARTBEAT_DTYPE)
+        events["ts_ns"] = time.monotonic_ns()
+        events["marker"] = markers
+        events["tgid"] = os.getpid()
+        self.ctx.produced(len(markers))
+        tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no, event_name=HEARTBEAT_EVENT))
+        return batch_no + 1
 
     def _make(self, n: int, seq: int) -> np.ndarray:
         events = self._template[:n].copy()
@@ -97,8 +132,11 @@ class SyntheticSource(Source):
         batch_no = 0
         start = last = trio.current_time()
         credit = 0.0
+        self.ctx.publish(self)  # a HeartbeatSource, for the health monitor
         task_status.started()
         while remaining > 0:
+            if self._heartbeats:
+                batch_no = await self._send_heartbeats(tx, batch_no)
             want = int(min(size, remaining))
             if cfg.rate_per_s > 0:
                 now = trio.current_time()
@@ -109,10 +147,10 @@ class SyntheticSource(Source):
                 if credit < want:
                     rate = self.rate_at(now - start)
                     if rate <= 0:
-                        await trio.sleep(cfg.max_tick_s)
+                        await self._nap(cfg.max_tick_s)
                         continue
                     if credit < 1:
-                        await trio.sleep(min(max((want - credit) / rate, 1e-4), cfg.max_tick_s))
+                        await self._nap(min(max((want - credit) / rate, 1e-4), cfg.max_tick_s))
                         continue
                     want = int(credit)
                 credit -= want

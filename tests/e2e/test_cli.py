@@ -41,7 +41,7 @@ def test_sigint_stops_gracefully(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
-    assert "stopping: draining in-flight events" in stderr
+    assert 'msg="shutdown: not ready" step="not ready"' in stderr and 'reason="signal SIGINT"' in stderr
     assert "pending=0" in stderr
     lines = out.read_text().splitlines()
     assert [json.loads(line)["seq"] for line in lines] == list(range(len(lines)))

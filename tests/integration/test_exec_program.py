@@ -28,7 +28,7 @@ class Events(BccRecords):
 
 def test_exec_program_layout() -> None:
     with load_program("exec", ring_buffer_size=64 * 1024, map_size=1024) as program:
-        assert program.event_names == {EVENT_EXEC: "exec", EVENT_EXIT: "exit"}
+        assert program.event_names == {EVENT_EXEC: "exec", EVENT_EXIT: "exit", 255: "heartbeat"}
         exec_dtype, exit_dtype = program.event_types[EVENT_EXEC], program.event_types[EVENT_EXIT]
         assert exec_dtype.names == (
             "type", "cpu", "rate", "ts_ns", "pid", "ppid", "uid", "filename_len", "comm", "filename",
@@ -47,6 +47,7 @@ def test_exec_program_layout() -> None:
             "tracepoint:sched:sched_process_exec",
             "tracepoint:sched:sched_process_exit",
             "tracepoint:syscalls:sys_enter_exit_group",
+            "tracepoint:syscalls:sys_enter_getpriority",  # bpfpipe.h's heartbeat
         }
 
 

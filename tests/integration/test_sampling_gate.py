@@ -62,7 +62,7 @@ def assert_conserved(program: LoadgenProgram) -> dict[str, int]:
 
 def test_loadgen_event_layout() -> None:
     with load_program("loadgen", ring_buffer_size=4096, map_size=1024) as program:
-        assert program.event_names == {EVENT_LOADGEN: "loadgen"}
+        assert program.event_names == {EVENT_LOADGEN: "loadgen", 255: "heartbeat"}
         dtype = program.event_types[EVENT_LOADGEN]
         assert dtype.names == ("type", "cpu", "rate", "ts_ns", "seq", "payload")
         assert dtype.itemsize == 32
