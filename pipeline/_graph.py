@@ -102,18 +102,7 @@ class PipelineStatistics:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "stages": [
-                {
-                    "name": s.name,
-                    "kind": s.kind,
-                    "received_events": s.received_events,
-                    "sent_events": s.sent_events,
-                    "dropped_events": s.dropped_events,
-                    "delivered_events": s.delivered_events,
-                    "errors": s.errors,
-                }
-                for s in self.stages
-            ],
+            "stages": [s.summary() for s in self.stages],
             "edges": [
                 {"name": e.name, "capacity": e.capacity, "depth": e.depth, "peak_depth": e.peak_depth}
                 for e in self.edges

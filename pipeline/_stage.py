@@ -89,6 +89,18 @@ class StageStatistics:
             - self.delivered_events
         )
 
+    def summary(self) -> dict[str, Any]:
+        """The counters an operator reads (``run``'s final report, ``/status``)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "received_events": self.received_events,
+            "sent_events": self.sent_events,
+            "dropped_events": self.dropped_events,
+            "delivered_events": self.delivered_events,
+            "errors": self.errors,
+        }
+
 
 _T = TypeVar("_T")
 

@@ -406,16 +406,7 @@ class StatusApi:
         nodes = {ctx.name: node for ctx, node in zip(pipe.contexts, pipe.nodes, strict=False)}
         for s in stats.stages:
             node = nodes.get(s.name)
-            entry: dict[str, Any] = {
-                "name": s.name,
-                "kind": s.kind,
-                "received_events": s.received_events,
-                "sent_events": s.sent_events,
-                "dropped_events": s.dropped_events,
-                "delivered_events": s.delivered_events,
-                "errors": s.errors,
-                "last_error": s.last_error,
-            }
+            entry: dict[str, Any] = {**s.summary(), "last_error": s.last_error}
             record = node.statistics() if isinstance(node, _HasStatistics) else None
             if record is not None:
                 entry["details"] = _plain(record)

@@ -582,12 +582,7 @@ class RingBufferReader(Source):
                     batch = self._take(read)
                     if batch is not None:
                         await self._send_or_drain(tx, batch, deadline)
-                counters = None if closed else self._final_counters()
-                if counters is None:
-                    break
-                self._apply(self._accountant.observe(counters))
-                settled = counters.in_flight == 0 and self._accountant.readable_backlog <= 0
-                if settled or trio.current_time() >= deadline:
+                if self._settled(closed, deadline):
                     break
                 await trio.sleep(0.001)  # a program run on another CPU is finishing
             self._abandon_residual()
@@ -660,16 +655,22 @@ class RingBufferReader(Source):
         while True:
             while skipped := self.drain_oldest(reason="shutdown: after stop reading"):
                 after_stop += skipped
-            counters = None if closed else self._final_counters()
-            if counters is None:
-                break
-            self._apply(self._accountant.observe(counters))
-            settled = counters.in_flight == 0 and self._accountant.readable_backlog <= 0
-            if settled or trio.current_time() >= deadline:
+            if self._settled(closed, deadline):
                 break
             await trio.sleep(0.001)
         self._abandon_residual()
         return 1, after_stop
+
+    def _settled(self, closed: bool, deadline: float) -> bool:
+        """Read the final counters once and account for them: True once nothing more can
+        come (the program is closed, or no run is in flight and every record was read)
+        or the deadline has passed."""
+        counters = None if closed else self._final_counters()
+        if counters is None:
+            return True
+        self._apply(self._accountant.observe(counters))
+        settled = counters.in_flight == 0 and self._accountant.readable_backlog <= 0
+        return settled or trio.current_time() >= deadline
 
     def close_maps(self) -> int:
         """Close user space's handles on the maps: the ring's and the wake-up map's mmaps."""
