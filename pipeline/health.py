@@ -56,8 +56,8 @@ The same checks are metrics (:meth:`HealthMonitor.collect`, registered in the
 agent's Prometheus registry): ``bpfpipe_ready`` (1 when ``/health/ready`` would say
 200) and ``bpfpipe_health_check_healthy{check, critical}``. The cheap checks are
 computed at scrape time; the two program checks (which may ask iproute2 or the
-kernel) are taken from the last run, made at least every
-``health.heartbeat_interval_s`` and at every ``/health/ready``.
+kernel) are taken from the last run, made every ``health.heartbeat_interval_s``
+while the metrics server is on, and at every ``/health/ready``.
 
 The pure cores, :class:`HeartbeatTracker` and :func:`readiness`, take the time as an
 argument and know nothing of trio or HTTP.
@@ -468,9 +468,10 @@ class HealthMonitor(Collector):
             await self._beat_forever(pipe)
 
     async def _refresh_program_checks(self, pipe: Pipeline) -> None:
-        """For the metrics: run the program checks once per ``health.heartbeat_interval_s``."""
+        """For the metrics: run the program checks once per ``health.heartbeat_interval_s``
+        while there is a metrics server to scrape them (an XDP check runs iproute2)."""
         while True:
-            if pipe.started:
+            if pipe.started and self.config.metrics_port != 0:
                 await self._run_program_checks(pipe)
             await trio.sleep(self.config.health.heartbeat_interval_s)
 
