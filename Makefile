@@ -42,6 +42,9 @@ bench: setup
 	$(BIN)/python bench/overload.py
 	$(BIN)/python bench/efficiency.py
 	$(BIN)/python bench/batch_cost.py
+	$(BIN)/python bench/metrics.py
+	$(BIN)/python bench/jetstream.py
+	$(BIN)/python bench/fleet.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

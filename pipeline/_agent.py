@@ -9,7 +9,8 @@
 * :class:`~pipeline.status.StatusApi` — read-only ``/status`` (diag, top) and ``/admin/tap``;
 * :class:`~pipeline.admin.AdminApi` — ``/admin/config`` (reload), behind the token;
 * :class:`~pipeline.reload.Reloader` — live reload (SIGHUP and ``POST /admin/config``);
-* :class:`AgentServers` — binds the three ports early and serves their routes.
+* :class:`AgentServers` — binds the three ports early and serves their routes;
+* :class:`~pipeline.fleet.FleetAgent` — fleet policy from NATS, when ``fleet.servers`` is set.
 
 ``bpfpipe check`` builds only the pipeline (``build_pipeline``): nothing here binds
 or reads anything outside the process until :meth:`AgentServers.bind` or ``run``.
@@ -33,6 +34,7 @@ from .http import Route, asgi_app, bearer_guard, bind, serve
 if TYPE_CHECKING:
     from ._graph import Pipeline
     from .admin import AdminApi
+    from .fleet import FleetAgent
     from .health import HealthMonitor
     from .metrics import MetricsExporter
     from .reload import Reloader
@@ -137,6 +139,7 @@ class Agent:
     status: StatusApi
     admin: AdminApi
     reloader: Reloader
+    fleet: FleetAgent | None = None
 
 
 def build_agent(config: Config) -> Agent:
@@ -166,12 +169,14 @@ def build_agent(config: Config) -> Agent:
     servers.add("health", status.routes)
     servers.add("admin", status.admin_routes)
     servers.add("admin", admin.routes)
-    pipe = Pipeline(
-        specs,
-        capacities,
-        settings=config,
-        helpers=[enforcer.run, metrics.run, health.run, status.run, servers.run],
-    )
+    helpers = [enforcer.run, metrics.run, health.run, status.run, servers.run]
+    fleet = None
+    if config.fleet.servers:
+        from .fleet import FleetAgent
+
+        fleet = FleetAgent(config.fleet, reloader)
+        helpers.append(fleet.run)
+    pipe = Pipeline(specs, capacities, settings=config, helpers=helpers)
     metrics.attach(pipe)  # before any batch flows: its sink observer and process() timers
     reloader.bind(pipe)
-    return Agent(config, pipe, servers, metrics, health, status, admin, reloader)
+    return Agent(config, pipe, servers, metrics, health, status, admin, reloader, fleet)

@@ -4,6 +4,7 @@
     bpfpipe check CONFIG
     bpfpipe --version
     bpfpipe diag | top | tap STAGE   (clients of a running agent: pipeline._diag; exit 4 = no agent)
+    bpfpipe policy get | set FILE | status [--node N] [--servers URLS]   (fleet policy: pipeline.fleet)
 
 Errors are one line on stderr and an exit code (1 runtime, 2 config/usage,
 3 BPF unavailable); a traceback only with ``--debug`` (or ``enable_debug``). A
@@ -63,6 +64,7 @@ examples:
   bpfpipe run --config /etc/bpfpipe.toml --sink null
   bpfpipe check /etc/bpfpipe.toml              validate; print the effective config
   bpfpipe diag                                 ask the running agent for its report
+  bpfpipe policy status --servers nats://h:4222  what each agent of the fleet runs
 environment: BPFPIPE_CONFIG (config file), BPF_LOG_LEVEL, METRICS_PORT, BPF_DEBUG
 exit codes: 0 ok (also a graceful stop by SIGINT/SIGTERM), 1 runtime failure (or a
   drain past shutdown.drain_timeout_s), 2 bad config or usage (busy port included),
@@ -119,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._plan import add_capacity_parser  # stdlib only
 
     add_capacity_parser(sub)
+    from ._policy_cli import add_policy_parser  # stdlib only; the policy code and nats-py on use
+
+    add_policy_parser(sub)
     return parser
 
 
@@ -198,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._plan import cmd_capacity
 
             return cmd_capacity(args)
+        if args.command == "policy":
+            from ._policy_cli import cmd_policy
+
+            return cmd_policy(args)
         if args.command in ("diag", "top", "tap"):
             from . import _diag  # the clients: urllib, and rich for top
 

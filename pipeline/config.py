@@ -32,6 +32,7 @@ __all__ = [
     "ChannelsConfig",
     "Config",
     "FeatureFlags",
+    "FleetConfig",
     "HealthConfig",
     "LimitsConfig",
     "NodeConfig",
@@ -111,6 +112,38 @@ class HealthConfig(_Section, frozen=True):
     """Ring-buffer usage at or above this fails the (non-critical) ring-buffer check."""
 
 
+FLEET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""A fleet node or bucket name: one key-value key token (no dots, no wildcards)."""
+
+
+class FleetConfig(_Section, frozen=True):
+    """Fleet policy from a NATS JetStream key-value bucket (``pipeline.fleet``)."""
+
+    servers: list[str] = []
+    """NATS server URLs (``nats://host:4222``); empty: no fleet policy."""
+    bucket: str = "bpfpipe-policy"
+    node: str = ""
+    """This agent's name in the fleet (its override key ``node.<name>``); "": the host name."""
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+
+    def __post_init__(self) -> None:
+        for i, url in enumerate(self.servers):
+            scheme, sep, rest = url.partition("://")
+            if not (rest if sep else scheme) or (sep and scheme not in ("nats", "tls")):
+                raise ConfigError(
+                    f"fleet.servers[{i}]",
+                    f"expected a NATS URL such as nats://host:4222, got {json.dumps(url)}",
+                )
+        if not FLEET_NAME.match(self.bucket):
+            raise ConfigError(
+                "fleet.bucket", f"expected letters, digits, - and _, got {json.dumps(self.bucket)}"
+            )
+        if self.node and not FLEET_NAME.match(self.node):
+            raise ConfigError(
+                "fleet.node", f"expected 1-64 letters, digits, - and _ (no dots), got {json.dumps(self.node)}"
+            )
+
+
 Bind = Annotated[str, msgspec.Meta(min_length=1)]
 """An IP address to listen on (``0.0.0.0`` all IPv4, ``::`` all IPv6 and IPv4, ``127.0.0.1`` loopback)."""
 
@@ -143,6 +176,7 @@ class Config(_Section, frozen=True):
     limits: LimitsConfig = LimitsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     health: HealthConfig = HealthConfig()
+    fleet: FleetConfig = FleetConfig()
 
     def __post_init__(self) -> None:
         for key in ("metrics_bind", "health_bind", "admin_bind"):

@@ -690,6 +690,11 @@ def _node_families(pipe: Pipeline) -> Iterator[Metric]:
     fallback = CounterMetricFamily(
         "bpfpipe_breaker_fallback_events", "Events a breaker's fallback kept", labels=["stage"]
     )
+    replayed = CounterMetricFamily(
+        "bpfpipe_breaker_replayed_events",
+        "Spooled events a breaker replayed through its recovered primary (their outcome stays fallback)",
+        labels=["stage"],
+    )
     ring = GaugeMetricFamily(
         "bpf_ringbuf_usage_percent", "Ring buffer in use when the reader last looked", labels=["program"]
     )
@@ -713,13 +718,14 @@ def _node_families(pipe: Pipeline) -> Iterator[Metric]:
                 state.add_metric([ctx.name, candidate.value], 1 if candidate is current else 0)
             opened.add_metric([ctx.name], record.breaker.opened)
             fallback.add_metric([ctx.name], record.fallback_events)
+            replayed.add_metric([ctx.name], getattr(record, "replayed_events", 0))
         if isinstance(record, _RingLike):
             program = getattr(node, "program", None)
             name = str(getattr(program, "name", ctx.name))
             ring.add_metric([name], 100.0 * record.ring_usage)
             records_read.add_metric([name], getattr(record, "records_read", 0))
             bytes_read.add_metric([name], getattr(record, "bytes_read", 0))
-    yield from (rate, state, opened, fallback, ring, records_read, bytes_read)
+    yield from (rate, state, opened, fallback, replayed, ring, records_read, bytes_read)
 
 
 def _enforcer_families(enforcer: Any) -> Iterator[Metric]:

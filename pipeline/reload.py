@@ -238,6 +238,7 @@ KEY_CLASSES: dict[str, str] = {
     "admin_token_file": RESTART,
     "bpf_map_size": RESTART,
     "ring_buffer_size": RESTART,
+    "fleet": RESTART,
 }
 """Top-level key → how a change of it applies (see the module docstring). A key not
 here (a new one nobody classified yet) is restart-required: never half-applied."""

@@ -30,6 +30,16 @@ While the breaker is open, batches go straight to the fallback (reason
 with reason ``spool full``; if the fallback itself raises, the batch is dropped
 with reason ``fallback failed``. Every event thus ends in exactly one outcome.
 
+Replay: when the primary is a sink that can take spooled batches back (it has
+``write_spooled``, see :mod:`stages.spool_replay`; the JetStream sink does) and the fallback
+is the spool, the spool keeps an index of its batches, and before the primary gets a new
+batch, whatever the spool holds is replayed through it, oldest first, in groups of spooled
+batches (the first group is the half-open trial). A replay that fails counts as a failure
+and the new batch is spooled behind the rest, so the order is kept. Replayed events
+already have their outcome (``fallback``): the replay adds statistics, not outcomes. If the
+spool's files cannot be read (a corrupt index, a disk error), replay is turned off for the
+run with one error line, and the spool is left as it is.
+
 State transitions are logged (logger ``bpfpipe.breaker``: opening is a warning)
 and exposed through ``statistics()`` and ``.breaker`` for metrics.
 
@@ -71,6 +81,7 @@ from pipeline import (
 )
 from pipeline.breaker import BreakerState, BreakerStatistics, CircuitBreaker, Route, Transition
 
+from .spool_replay import Replayable, SpooledBatch, replay_groups
 from .spool_sink import SPOOL_FULL, SpoolSink
 
 __all__ = [
@@ -87,6 +98,12 @@ CIRCUIT_OPEN = "circuit open"
 PRIMARY_FAILED = "primary failed"
 PRIMARY_TIMED_OUT = "primary timed out"
 FALLBACK_FAILED = "fallback failed"
+REPLAY_GROUP_EVENTS = 65536
+REPLAY_GROUP_BATCHES = 1024
+"""Spooled batches are replayed in groups of up to this many events and batches: one
+read, one call of the primary, one position update each."""
+REPLAY_PENDING = "spool replay failed"
+"""A batch spooled because the spool's replay (which must go first) failed."""
 
 
 class CircuitBreakerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -108,6 +125,9 @@ class CircuitBreakerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=Tr
     """How long the breaker stays open before one trial batch tests the primary."""
     stage_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """A batch that takes the primary longer than this is a failure; 0 = no limit."""
+    replay: bool = True
+    """Replay the spool through the primary, in order, before new batches, when the primary
+    can take spooled batches back (``write_spooled``) and the fallback is the spool."""
 
 
 class Fallback(Protocol):
@@ -145,6 +165,9 @@ class CircuitBreakerStatistics:
     fallback_batches: int
     fallback_events: int
     """Events the fallback kept (recorded as ``Outcome.FALLBACK``)."""
+    replayed_batches: int = 0
+    replayed_events: int = 0
+    """Spooled events the primary took on a replay (their outcome stays ``fallback``)."""
 
     @property
     def state(self) -> BreakerState:
@@ -174,7 +197,14 @@ class _Guard:
             on_transition=self._log_transition,
         )
         self.primary = self._build_primary(config, primary_kind, bound_primary)
-        self.fallback = self._build_fallback(config, bound_fallback)
+        replayable = config.replay and isinstance(self.primary, Replayable)
+        self.fallback = self._build_fallback(config, bound_fallback, replay=replayable)
+        self.replay_spool = self.fallback if replayable and isinstance(self.fallback, SpoolSink) else None
+        """The spool to replay through the primary before new batches (None: no replay)."""
+        self.replayed_bytes = -1
+        """Bytes of the spool's index replayed (-1: not read from its file yet)."""
+        self.replayed_batches = 0
+        self.replayed_events = 0
         process: Any = getattr(self.primary, "write" if primary_kind is BatchSink else "process")
         self.call_sync: Callable[[Batch], Batch | None] | None = None
         self.call_async: Callable[[Batch], Awaitable[Batch | None]] | None = None
@@ -209,7 +239,9 @@ class _Guard:
             raise StageLoadError(name, f"primary {describe(cls)} is not {wanted}")
         return self.ctx.build_child("primary", cls, raw, expect=kind, path="config.primary_config")
 
-    def _build_fallback(self, config: CircuitBreakerConfig, bound: _Bound | None) -> Fallback:
+    def _build_fallback(
+        self, config: CircuitBreakerConfig, bound: _Bound | None, *, replay: bool
+    ) -> Fallback:
         name = self.ctx.name
         if bound is not None:
             cls, raw = bound
@@ -224,6 +256,11 @@ class _Guard:
             # One spool file per breaker: two spools sharing a file would each think it had the room.
             safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             raw = {**(raw or {}), "path": f"bpfpipe-spool-{safe_name}.jsonl"}
+        if cls is SpoolSink and replay:
+            if isinstance(raw, msgspec.Struct):
+                raw = msgspec.structs.replace(raw, replay_index=True)
+            else:
+                raw = {"replay_index": True, **(raw or {})}
         target = self.ctx.build_child("fallback", cls, raw, expect=Sink, path="config.fallback_config")
         if isinstance(target, SpoolSink) or callable(getattr(target, "spool", None)):
             spooler: Fallback = target
@@ -245,6 +282,9 @@ class _Guard:
         did (already accounted)."""
         if self.breaker.allow(trio.current_time()) is Route.FALLBACK:
             await self.to_fallback(batch, CIRCUIT_OPEN)
+            return False, None
+        if self.replay_spool is not None and not await self._replay_first():
+            await self.to_fallback(batch, REPLAY_PENDING)
             return False, None
         start = trio.current_time()
         out: Batch | None
@@ -278,6 +318,76 @@ class _Guard:
             self.breaker.on_success(now)
         return True, out
 
+    async def _replay_first(self) -> bool:
+        try:
+            return await self.replay()
+        except (OSError, msgspec.DecodeError) as exc:
+            self.ctx.error(exc, "spool replay (turned off for this run; the spool is kept)")
+            self.replay_spool = None
+            return True
+
+    async def replay(self) -> bool:
+        """Replay what the spool holds through the primary, oldest first; True when none
+        is left. Each replayed batch's outcome goes to the breaker like a batch's; the
+        first failure stops the replay (the position is kept) and returns False."""
+        spool = self.replay_spool
+        assert spool is not None
+        files = spool.replay_files
+        if self.replayed_bytes < 0:
+            self.replayed_bytes = await trio.to_thread.run_sync(files.replayed_bytes)
+        if await spool.index_size() <= self.replayed_bytes:
+            if self.replayed_bytes:  # a stale position, the spool emptied under it
+                await spool.empty()
+                self.replayed_bytes = 0
+            return True
+        primary = self.primary
+        assert isinstance(primary, Replayable)
+        entries = await trio.to_thread.run_sync(files.pending)
+        log.info(
+            "replaying the spool through the primary: %d batches",
+            len(entries),
+            extra={"stage": self.ctx.name, "path": spool.config.path},
+        )
+        for group in replay_groups(entries, REPLAY_GROUP_EVENTS, REPLAY_GROUP_BATCHES):
+            spooled = await trio.to_thread.run_sync(files.read, [entry for entry, _ in group])
+            try:
+                with trio.move_on_after(self.timeout_s) as scope:
+                    await primary.write_spooled(spooled)
+            except Exception as exc:
+                self.primary_errors += 1
+                self.ctx.error(exc, "primary (spool replay)")
+                self.breaker.on_failure(trio.current_time())
+                return False
+            if scope.cancelled_caught:
+                self.primary_timeouts += 1
+                self._warn_slow_replay(spooled)
+                self.breaker.on_failure(trio.current_time())
+                return False
+            index_offset = group[-1][1]
+            await trio.to_thread.run_sync(files.mark_replayed, index_offset)
+            self.replayed_bytes = index_offset
+            self.replayed_batches += len(spooled)
+            self.replayed_events += sum(batch.events for batch in spooled)
+            self.breaker.on_success(trio.current_time())
+        if self.replayed_bytes >= await spool.index_size():
+            await spool.empty()
+            self.replayed_bytes = 0
+            log.info(
+                "spool replayed: %d events in %d batches so far",
+                self.replayed_events,
+                self.replayed_batches,
+                extra={"stage": self.ctx.name},
+            )
+        return True
+
+    def _warn_slow_replay(self, spooled: list[SpooledBatch]) -> None:
+        log.warning(
+            "primary did not take %d spooled events within stage_timeout_s %g: replay stopped",
+            sum(batch.events for batch in spooled),
+            self.timeout_s,
+            extra={"stage": self.ctx.name},
+        )
+
     async def to_fallback(self, batch: Batch, reason: str) -> None:
         ctx = self.ctx
         try:
@@ -308,6 +418,8 @@ class _Guard:
             primary_timeouts=self.primary_timeouts,
             fallback_batches=self.fallback_batches,
             fallback_events=self.fallback_events,
+            replayed_batches=self.replayed_batches,
+            replayed_events=self.replayed_events,
         )
 
     # -- logging ---------------------------------------------------------------------

@@ -22,6 +22,10 @@ Invariants:
 Each line is one event exactly as the ``jsonl`` sink writes it (``event``, ``time``,
 the fields, ``weight``: see :mod:`stages.jsonl_sink`), by the same encoder. Writes go
 through a :class:`pipeline.LineOutput` thread, so a slow disk never blocks the loop.
+
+With ``replay_index`` (the breaker sets it when its primary can replay), every spooled
+batch also gets a line in ``<path>.index`` saying where its lines are and which batch they
+were; :mod:`stages.spool_replay` describes the files and the replay.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pipeline import Batch, BatchReceiver, LineOutput, Outcome, Sink, SinkClosed
 from pipeline import Config as Settings
 
 from .jsonl_sink import JsonLinesEncoder, output_problem
+from .spool_replay import IndexEntry, SpoolReplayFiles, encode_entry, run_id
 
 __all__ = ["SPOOL_FULL", "SpoolConfig", "SpoolSink", "SpoolStatistics"]
 
@@ -51,6 +56,9 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     """Size the file may reach, counting what it held before we opened it."""
     flush: bool = True
     """Flush after every batch, so a crash loses at most the batch being written."""
+    replay_index: bool = False
+    """Also keep ``<path>.index`` (where each spooled batch is, and its identity) so a
+    breaker can replay the spool through its primary; set by the breaker when it can."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,9 @@ class SpoolSink(Sink):
         """Bytes in the file (known once it has been opened)."""
         self.spooled_events = 0
         self.overflow_events = 0
+        self.replay_files = SpoolReplayFiles(config.path)
+        self.index_size_bytes = -1
+        """Bytes in ``<path>.index`` (``-1`` until first looked at; see :meth:`index_size`)."""
 
     @classmethod
     def resolve_config(cls, config: SpoolConfig, settings: Settings) -> SpoolConfig:
@@ -98,11 +109,17 @@ class SpoolSink(Sink):
             line_ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0x0A) + 1
             kept = int(np.searchsorted(line_ends, room, side="right"))
             blob = blob[: int(line_ends[kept - 1])] if kept else b""
+        start = out.size_bytes
         if blob:
             try:
                 await out.write([blob])
             finally:
                 self.size_bytes = out.size_bytes
+        if self.config.replay_index and kept:
+            entry = IndexEntry(
+                run_id(), batch.source, batch.seq, batch.event_name, kept, start, out.size_bytes
+            )
+            await self._append_index(encode_entry(entry))
         self.spooled_events += kept
         self.overflow_events += n - kept
         return kept
@@ -128,6 +145,53 @@ class SpoolSink(Sink):
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
+
+    async def index_size(self) -> int:
+        """Bytes in ``<path>.index`` now (read from the file once, then kept up to date). The
+        first look cuts a last line a crash left unfinished, so the next line starts afresh."""
+        if self.index_size_bytes < 0:
+            index = self.replay_files.index
+
+            def whole_lines() -> int:
+                if not index.exists():
+                    return 0
+                data = index.read_bytes()
+                keep = data.rfind(b"\n") + 1
+                if keep != len(data):
+                    with index.open("r+b") as f:
+                        f.truncate(keep)
+                return keep
+
+            self.index_size_bytes = await trio.to_thread.run_sync(whole_lines)
+        return self.index_size_bytes
+
+    async def _append_index(self, line: bytes) -> None:
+        size = await self.index_size()
+
+        def append() -> None:
+            with self.replay_files.index.open("ab") as f:
+                f.write(line)
+
+        await trio.to_thread.run_sync(append)
+        self.index_size_bytes = size + len(line)
+
+    async def empty(self) -> None:
+        """Start the spool afresh once all of it has been replayed: the replay position
+        goes first (a crash in between replays again rather than skipping), then the index,
+        then the spool's lines."""
+        await self.aclose()
+        files = self.replay_files
+
+        def truncate() -> None:
+            files.clear_position()
+            for path in (files.index, files.spool):
+                if path.exists():
+                    with path.open("r+b") as f:
+                        f.truncate(0)
+
+        await trio.to_thread.run_sync(truncate)
+        self.size_bytes = 0
+        self.index_size_bytes = 0
 
     async def aclose(self) -> None:
         if self._out is not None:

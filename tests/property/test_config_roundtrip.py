@@ -37,8 +37,10 @@ nodes = st.builds(
 configs = st.builds(
     Config,
     log_level=st.sampled_from(["debug", "info", "warning", "error", "critical"]),
-    metrics_port=st.integers(0, 65535),
-    health_check_port=st.integers(0, 65535),
+    # Distinct ports (0 is "off" and may repeat), none the admin API's default 8081: two
+    # servers on one port is a config error, not a config.
+    metrics_port=st.integers(0, 8000),
+    health_check_port=st.one_of(st.just(0), st.integers(8100, 65535)),
     bpf_map_size=st.integers(1, 1 << 30),
     ring_buffer_size=st.integers(1, 1 << 30),
     enable_debug=st.booleans(),
