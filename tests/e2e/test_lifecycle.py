@@ -89,7 +89,11 @@ def test_sigterm_under_load_drains_in_the_seeds_order(tmp_path: Path) -> None:
     )
     try:
         run.wait_for('msg="startup: mark ready"', timeout=60)
-        assert ready_status(health) == 200, run.stderr
+        # Ready once the first heartbeat has made it through (behind the slow sink's backlog).
+        deadline = time.monotonic() + 30
+        while ready_status(health) != 200:
+            assert time.monotonic() < deadline, f"never ready:\n{run.stderr}"
+            time.sleep(0.05)
         time.sleep(1.0)  # let a backlog build in front of the slow sink
         run.proc.send_signal(signal.SIGTERM)
         # Poll readiness through the drain: once it says 503 it never says 200 again,
