@@ -169,7 +169,7 @@ def build_agent(config: Config) -> Agent:
     servers.add("health", status.routes)
     servers.add("admin", status.admin_routes)
     servers.add("admin", admin.routes)
-    helpers = [enforcer.run, metrics.run, health.run, status.run, servers.run]
+    helpers = [enforcer.run, health.run, status.run, servers.run]  # metrics: attached below
     fleet = None
     if config.fleet.servers:
         from .fleet import FleetAgent

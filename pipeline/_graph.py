@@ -357,6 +357,12 @@ class Pipeline:
     def edges(self) -> list[Edge]:
         return self._chain.edges
 
+    @property
+    def source_done(self) -> trio.Event:
+        """Set once the source's task has returned and closed its channel (a graph
+        switch keeps the source, and this event with it)."""
+        return self._chain.done[0]
+
     def _context(self, nodes: Sequence[NodeSpec], index: int) -> StageContext:
         spec = nodes[index]
         ctx = StageContext(

@@ -45,8 +45,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import trio
-
 from ._notify import Notifier
 from .accounting import Outcome
 
@@ -82,8 +80,6 @@ SHUTDOWN_STEPS = (
     "close maps",
     "unload",
 )
-_BPF_STEPS = ("load programs", "create maps", "attach")
-_POLL_S = 0.001
 """How often, while stopping, to look whether the source has returned (only then)."""
 
 steps_log = logging.getLogger(STEP_LOGGER)
@@ -149,9 +145,6 @@ class StepLog(logging.Handler):
             for handler in agent_log.handlers:
                 if record.levelno >= handler.level:
                     handler.handle(record)
-
-    def ran(self, step: str) -> bool:
-        return step in self.done
 
 
 def failing_step(done: list[str]) -> str:
@@ -226,12 +219,9 @@ class Shutdown:
         )
 
     async def watch_stop_reading(self) -> None:
-        """Log "stop reading" once the source has returned (its channel closed); a drain
-        quicker than this poll gets the line from :meth:`drained`, before its own."""
-        pipe = self.agent.pipeline
-        edge = pipe.edges[0]
-        while edge.send_channel.statistics().open_send_channels and not pipe.finished.is_set():
-            await trio.sleep(_POLL_S)
+        """Log "stop reading" once the source has returned (its channel closed); if the
+        drain's line comes first, :meth:`drained` writes this one just before it."""
+        await self.agent.pipeline.source_done.wait()
         self._log_stop_reading()
 
     def _log_stop_reading(self) -> None:
@@ -316,11 +306,7 @@ class Shutdown:
         path = agent.config.shutdown.metrics_snapshot_file
         if not path:
             return fields
-        render = getattr(agent.metrics, "snapshot_text", None)
-        if render is None:
-            steps_log.warning("final metrics snapshot: this build has no metrics exporter; file not written")
-            return fields
-        text = str(render(pipe))
+        text = agent.metrics.snapshot_text(pipe)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -63,14 +63,17 @@ def _scrape(url: str) -> dict[str, float]:
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=5) as response:
             text = response.read().decode()
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: a malformed URL
         reason = getattr(exc, "reason", None) or exc
         problem = f"no agent answering at {url} ({reason}); is --from-agent its metrics URL?"
         raise AgentUnreachable(problem) from None
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    except ValueError as exc:
+        raise AgentUnreachable(f"{url}/metrics is not Prometheus text ({exc}): not a bpfpipe agent") from None
     return totals
 
 
@@ -103,7 +106,13 @@ def measure_agent(url: str, seconds: float) -> Measured:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    calibration = load_calibration(args.calibration) if args.calibration else load_calibration()
+    try:
+        calibration = load_calibration(args.calibration)
+    except OSError as exc:
+        raise ConfigError("--calibration", f"cannot read {args.calibration}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, a key missing, not numbers
+        problem = f"{args.calibration} is not a calibration file ({type(exc).__name__}: {exc})"
+        raise ConfigError("--calibration", problem) from None
     if args.from_agent:
         measured = measure_agent(args.from_agent, args.sample_s)
         sys.stdout.write(

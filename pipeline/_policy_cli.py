@@ -4,8 +4,8 @@ The servers: ``--servers`` (comma-separated), else ``$BPFPIPE_FLEET_SERVERS``, e
 ``fleet.servers`` of ``--config`` (default ``$BPFPIPE_CONFIG``); the bucket likewise
 (``--bucket``, ``fleet.bucket``). ``set`` validates the file before connecting (and then
 the merge with the other layer(s) in the bucket), so a bad policy never reaches the
-agents. Every failure is one line and an exit code: 2 bad input or usage, 1 the
-control plane unreachable (or the bucket missing).
+agents. Every failure is one line and an exit code: 2 bad input or usage, 4 the
+control plane unreachable (as ``diag`` with no agent), 1 the bucket missing.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ examples:
   bpfpipe policy get --node edge-1
   bpfpipe policy status                                           what every agent runs
 environment: BPFPIPE_FLEET_SERVERS (comma-separated URLs), BPFPIPE_CONFIG
-exit codes: 0 ok, 1 control plane unreachable (or no bucket yet), 2 bad policy or usage
+exit codes: 0 ok, 1 no bucket yet, 2 bad policy or usage, 4 control plane unreachable
 """
 
 

@@ -142,15 +142,18 @@ class Services:
             assert isinstance(p.service, SamplingGate)
             yield p.service
 
-    def heartbeats(self) -> Iterator[HeartbeatSource]:
-        for p in self.heartbeat_sources:
-            assert isinstance(p.service, HeartbeatSource)
-            yield p.service
-
     def checked_programs(self) -> Iterator[ProgramHealth]:
         for p in self.program_health:
             assert isinstance(p.service, ProgramHealth)
             yield p.service
+
+    def published_programs(self) -> list[object]:
+        """Every program published as a sampling gate or with trimmable maps, each once,
+        in publishing order, closed ones too (metrics and ``/status`` report them)."""
+        seen: dict[int, object] = {}
+        for published in (*self.sampling_gates, *self.trimmable_maps):
+            seen.setdefault(id(published.service), published.service)
+        return list(seen.values())
 
     def programs(self) -> Iterator[TrimmableMaps]:
         """Trimmable programs that are still loaded."""

@@ -32,7 +32,8 @@ Signals, at any moment after ``main`` is entered:
   reason ``shutdown``; one line says the drain was skipped and how many events it
   abandoned; programs are still detached and unloaded), the accounting line,
   exit 130/143 for that second signal.
-* SIGHUP: logged and ignored until live reload exists.
+* SIGHUP: live reload of the config file (:mod:`pipeline.reload`); before the
+  pipeline has started or while it stops, one warning line and nothing else.
 * Once the pipeline has finished, signals are ignored while the report is written.
 
 Covered from the moment ``main`` runs, some 40 ms after exec (the interpreter's

@@ -161,10 +161,10 @@ class Config(_Section, frozen=True):
     admin_bind: Bind = "127.0.0.1"
     """Loopback by default; any other address requires ``admin_token_file``."""
     admin_token_file: str = ""
+    """A file holding the bearer token the admin API requires (when set, also on loopback)."""
     watch_config: bool = True
     """Reload when the config file changes (a Kubernetes ConfigMap swap, an editor's save);
     the same validated reload as SIGHUP. Only when started with a config file."""
-    """A file holding the bearer token the admin API requires (when set, also on loopback)."""
     bpf_map_size: Positive = 65536
     ring_buffer_size: Positive = 262144
     enable_debug: bool = False

@@ -461,14 +461,7 @@ class MetricsExporter:
 
 
 def _programs(pipe: Pipeline) -> list[_KernelProgram]:
-    """The BPF programs the pipeline's stages published, each once, in publishing order."""
-    seen: dict[int, _KernelProgram] = {}
-    services = pipe.services
-    for published in (*services.sampling_gates, *services.trimmable_maps):
-        service = published.service
-        if isinstance(service, _KernelProgram) and id(service) not in seen:
-            seen[id(service)] = service
-    return list(seen.values())
+    return [p for p in pipe.services.published_programs() if isinstance(p, _KernelProgram)]
 
 
 # -- the collector -------------------------------------------------------------------------

@@ -19,11 +19,11 @@ Theory of operation
    (reported in the result and in one warning line, and **not** applied: the
    effective config keeps the running value, so nothing is half-applied). The live
    parts of the same reload still apply.
-3. **Apply**, most fallible first: the chain switch
+3. **Apply**: the in-place ``reconfigure`` calls first, then the chain switch
    (:meth:`Pipeline.replace_chain`: the new chain is built and started behind the
-   running source, the switch is a batch boundary; building a node can still fail,
-   and then nothing has changed), then the in-place ``reconfigure`` calls (one that
-   raises is undone by reconfiguring the ones already done back), then the
+   running source, the switch is a batch boundary). If a ``reconfigure`` raises, or
+   building the new chain fails, the ``reconfigure`` calls already made are undone
+   (the nodes are reconfigured back) and nothing has changed. Then the
    agent-wide settings (log level, the in-flight budget, the resource enforcer,
    ``enhanced_metrics``, the health checks...).
 4. **Version**: starts at 1, increments when (and only when) a reload changed the

@@ -537,14 +537,7 @@ class StatusApi:
 
 
 def _programs(pipe: Pipeline) -> list[ProgramLike]:
-    """The BPF programs the pipeline's stages published, each once, in publishing order."""
-    seen: dict[int, ProgramLike] = {}
-    services = pipe.services
-    for published in (*services.sampling_gates, *services.trimmable_maps):
-        service = published.service
-        if isinstance(service, ProgramLike) and id(service) not in seen:
-            seen[id(service)] = service
-    return list(seen.values())
+    return [p for p in pipe.services.published_programs() if isinstance(p, ProgramLike)]
 
 
 def _map_usage(program: ProgramLike) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import pipeline
 from bpf.firewall_policy import BlockedPrefixes, PolicyChange, RateLimit, parse_blocked_ips
+from bpf.loader import BpfLoadError
 from bpf.programs import ExecProgram, LoadgenProgram, XdpFirewallProgram
 from pipeline import ConfigError, StageContext
 from stages.reader import RingBufferReader, RingBufferReaderConfig, RingProgram
@@ -84,7 +85,10 @@ class XdpFirewallSource(RingBufferReader):
         if not isinstance(program, XdpFirewallProgram):
             return  # another program (no policy: resolve_config saw to that)
         with self._policy_lock:
-            change = self._apply_policy(program, self.config)
+            try:
+                change = self._apply_policy(program, self.config)
+            except RuntimeError as exc:  # a map update failed (and was undone): a load failure
+                raise BpfLoadError(program.name, f"was not attached: {exc}") from exc
             self._firewall = program
         self.ctx.log.info(
             "firewall policy applied: %s",

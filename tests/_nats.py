@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
+from _tools import require
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 READY_TIMEOUT_S = 30.0
@@ -38,8 +38,10 @@ REJOIN_WAIT_S = 10.0
 
 def require_nats() -> None:
     """Fail under CI (make setup installs it), skip elsewhere, when nats-server is missing."""
-    if shutil.which("nats-server") is None and not os.access(NATS_SERVER, os.X_OK):
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("nats-server is not installed")
+    require(
+        shutil.which("nats-server") is not None or os.access(NATS_SERVER, os.X_OK),
+        "nats-server is not installed",
+    )
 
 
 def _free_port() -> int:

@@ -5,8 +5,6 @@ test that starts one stops it (``stop()`` in a ``finally``)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -15,17 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 from _cli import free_port
+from _tools import require_tools
 
 PROMETHEUS, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/promtool"
 
 
 def require_prometheus() -> None:
     """Fail under CI (make setup installs it), skip elsewhere, when Prometheus is missing."""
-    for tool in (PROMETHEUS, PROMTOOL):
-        if shutil.which(tool) is None:
-            (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"{tool} is not installed")
+    require_tools(PROMETHEUS, PROMTOOL)
 
 
 def http_get(url: str, timeout: float = 5) -> bytes:

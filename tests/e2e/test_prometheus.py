@@ -12,8 +12,6 @@ must equal them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -21,13 +19,14 @@ from pathlib import Path
 
 import pytest
 from _cli import free_port
-from _prometheus import Prometheus, http_get, wait_for
+from _prometheus import PROMTOOL, Prometheus, http_get, require_prometheus, wait_for
 from _running_agent import RunningAgent
+from _tools import require_tools
 from integration._netns import VethNetns, interface_exists, netns_exists, veth_netns
 
 pytestmark = pytest.mark.bpf
 
-PROMETHEUS, PROMTOOL, BPFTOOL = "/usr/bin/prometheus", "/usr/bin/promtool", "bpftool"
+BPFTOOL = "bpftool"
 STAT_PROCESSED, STAT_DROPPED = 4, 5  # enum bpfpipe_stat in bpf/bpfpipe_types.h
 PROMTOOL_SEED_FINDING = "bpf_processing_latency_ns metric names should not contain abbreviated units"
 ALLOWED_PACKETS, BLOCKED_PACKETS = 30, 20
@@ -80,9 +79,8 @@ def write_config(tmp_path: Path, net: VethNetns, blocked: str) -> Path:
 
 
 def test_prometheus_scrapes_the_kernel_counts(tmp_path: Path, unique_name: str) -> None:
-    for tool in (PROMETHEUS, PROMTOOL, BPFTOOL):
-        if shutil.which(tool) is None:  # make setup installs them; CI must not pass without them
-            (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"{tool} is not installed")
+    require_prometheus()
+    require_tools(BPFTOOL)
     metrics_port = free_port()
     with veth_netns(unique_name) as net:
         allowed_src, blocked_src = net.peer_addrs

@@ -26,6 +26,7 @@ from bpf.firewall_policy import (
     plan_update,
 )
 from bpf.layout import dtype_from_ctypes
+from bpf.loader import BpfLoadError
 from bpf.programs import PROGRAM_DIR, XdpFirewallProgram
 from bpf.source import header_enum
 from pipeline import Batch, InflightBudget, Ledger, StageContext
@@ -311,6 +312,22 @@ def test_the_policy_is_applied_when_the_maps_are_prepared_and_live_after() -> No
     assert program.applied[-1] == (BlockedPrefixes(v6=frozenset({net("2001:db8::/32")})), RateLimit())
     assert source.config is new
     assert XdpFirewallSource.live_config_fields == {"blocked_ips", "rate_limit"}
+
+
+class FailingFirewall(RecordingFirewall):
+    def apply_policy(self, blocked_ips: Any, rate_limit: RateLimit | None = None) -> PolicyChange:
+        raise RuntimeError("firewall policy not applied: inserting 10.0.0.5/32 failed: No space left")
+
+
+def test_a_policy_that_cannot_be_written_at_load_is_a_load_error_naming_the_program() -> None:
+    source = make_source(blocked_ips=["10.0.0.5"])
+    with pytest.raises(BpfLoadError) as raised:
+        source._prepare_maps(FailingFirewall())
+    assert str(raised.value) == (
+        "BPF program 'xdp_firewall' was not attached: "
+        "firewall policy not applied: inserting 10.0.0.5/32 failed: No space left"
+    )
+    assert raised.value.exit_code == 3
 
 
 def test_reconfigure_refuses_anything_but_the_policy() -> None:
