@@ -39,6 +39,9 @@ sys.path.insert(0, str(ROOT.parent / "tests"))
 from _machine import machine  # noqa: E402
 from _nats import nats_cluster  # noqa: E402
 
+from pipeline._fleet_client import KvClient  # noqa: E402
+from pipeline.fleet import ControlPlaneUnreachable  # noqa: E402
+
 BUCKET = "bpfpipe-policy"
 AGENT_ENV = {"METRICS_PORT": "0", "HEALTH_CHECK_PORT": "0", "ADMIN_PORT": "0"}
 
@@ -177,15 +180,14 @@ async def _wait_reported(url: str, nodes: set[str], timeout_s: float = 120) -> N
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            nc = await nats.connect([url])
+            client = await KvClient.open([url], BUCKET, 2.0, create=False)
             try:
-                kv = await nc.jetstream().key_value(BUCKET)
-                keys = set(await kv.keys())
+                keys = set(await client.keys())  # not nats-py's keys(): see KvClient.keys
             finally:
-                await nc.close()
+                await client.close()
             if {f"status.{n}" for n in nodes} <= keys:
                 return
-        except Exception:  # no bucket or no keys yet
+        except ControlPlaneUnreachable:  # no bucket yet (BucketMissing is one)
             pass
         await asyncio.sleep(0.2)
     raise TimeoutError(f"agents did not report within {timeout_s} s")

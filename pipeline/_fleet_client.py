@@ -20,6 +20,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .fleet import ControlPlaneUnreachable
@@ -42,9 +43,13 @@ _NATS_ERRORS = (OSError, asyncio.TimeoutError, nats.errors.Error)
 
 
 class KvClient:
-    def __init__(self, nc: Client, kv: KeyValue, servers: Sequence[str]) -> None:
+    def __init__(
+        self, nc: Client, js: JetStreamContext, kv: KeyValue, bucket: str, servers: Sequence[str]
+    ) -> None:
         self.nc = nc
+        self.js = js
         self.kv = kv
+        self.bucket = bucket
         self.servers = list(servers)
         self._queue: asyncio.Queue[tuple[str, int, bytes | None] | None] = asyncio.Queue()
         self._watchers: list[Any] = []
@@ -87,7 +92,7 @@ class KvClient:
             if isinstance(exc, _NATS_ERRORS):
                 raise ControlPlaneUnreachable(f"JetStream at {where}: {_why(exc)}") from None
             raise
-        return cls(nc, kv, servers)
+        return cls(nc, js, kv, bucket, servers)
 
     def _check(self) -> None:
         if not self.nc.is_connected:
@@ -150,12 +155,21 @@ class KvClient:
             raise ControlPlaneUnreachable(f"put {key}: {_why(exc)}") from None
 
     async def keys(self) -> list[str]:
+        """The bucket's keys, from the stream's subject index at one instant (a deleted key may
+        be among them: its ``get`` says so).
+
+        Not nats-py's ``KeyValue.keys()``: it reads a last-per-subject consumer until a message
+        says nothing is pending, and while agents write their statuses that happens early or
+        late — in a loop of 300 calls against three keys rewritten every millisecond it gave
+        keys twice, left keys out, and once raised "no keys found". ``policy set`` checks the
+        global policy against every node override it lists, so a missed key is a missed check.
+        """
+        prefix = f"$KV.{self.bucket}."
         try:
-            return list(await self.kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+            info = await self.js.stream_info(f"KV_{self.bucket}", subjects_filter=f"{prefix}>")
         except _NATS_ERRORS as exc:
             raise ControlPlaneUnreachable(f"list keys: {_why(exc)}") from None
+        return sorted(subject.removeprefix(prefix) for subject in info.state.subjects or {})
 
     async def close(self) -> None:
         for task in self._pumps:

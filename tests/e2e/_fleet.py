@@ -11,6 +11,9 @@ from typing import Any
 
 import nats
 
+from pipeline._fleet_client import BucketMissing, KvClient
+from pipeline.fleet import ControlPlaneUnreachable
+
 BUCKET = "bpfpipe-policy"
 
 
@@ -42,24 +45,30 @@ def raw_put(url: str, key: str, data: bytes) -> int:
 
 
 def statuses(url: str) -> dict[str, dict[str, Any]]:
-    """Every ``status.<node>`` document, by node."""
+    """Every ``status.<node>`` document, by node ({} before the bucket exists).
 
-    async def read(kv: Any) -> dict[str, dict[str, Any]]:
-        out = {}
+    Keys are listed by the product's client (the stream's subject index), not by nats-py's
+    ``KeyValue.keys()``, which leaves keys out while the agents write (see ``KvClient.keys``).
+    """
+
+    async def read() -> dict[str, dict[str, Any]]:
         try:
-            keys = await kv.keys()
-        except Exception:  # NoKeysError: nothing written yet
+            client = await KvClient.open([url], BUCKET, 2.0, create=False)
+        except BucketMissing:
             return {}
-        for key in keys:
-            if key.startswith("status."):
-                doc = json.loads((await kv.get(key)).value)
-                out[doc["node"]] = doc
-        return out
+        try:
+            out = {}
+            for key in await client.keys():
+                if key.startswith("status."):
+                    _, value = await client.get(key)
+                    if value is not None:
+                        doc = json.loads(value)
+                        out[doc["node"]] = doc
+            return out
+        finally:
+            await client.close()
 
-    try:
-        return dict(asyncio.run(_with_kv(url, read)))
-    except Exception:  # the bucket not made yet
-        return {}
+    return asyncio.run(read())
 
 
 def wait_statuses(
@@ -69,7 +78,11 @@ def wait_statuses(
     deadline = time.monotonic() + timeout
     last: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
-        last = statuses(url)
+        try:
+            last = statuses(url)
+        except ControlPlaneUnreachable:  # a server restarting under the test: ask again
+            time.sleep(interval)
+            continue
         if accept(last):
             return last, time.monotonic()
         time.sleep(interval)

@@ -139,9 +139,9 @@ def test_three_agents_follow_the_fleet_policy(tmp_path: Path, unique_name: str) 
             done = policy_set(tmp_path, url, {"sampler": {"max_sample_rate": 7}}, "--node", "beta")
             assert done.returncode == 0, done.stderr
             override = int(done.stdout.split("revision")[1])
-            wait_statuses(url, all_at({"global": revision, "node.beta": override}))
+            docs, _ = wait_statuses(url, all_at({"global": revision, "node.beta": override}))
             assert (sampler_max(agents["alpha"]), sampler_max(agents["beta"])) == (300, 7)
-            assert statuses(url)["alpha"]["revisions"] == {"global": revision, "node.alpha": 0}
+            assert docs["alpha"]["revisions"] == {"global": revision, "node.alpha": 0}
             versions = {n: effective(a)["version"] for n, a in agents.items()}
 
             # An invalid policy: `policy set` refuses it (one line, exit 2, nothing stored)...
