@@ -346,6 +346,9 @@ class RingRead(NamedTuple):
         return len(self.offsets)
 
 
+_EMPTY_READ = RingRead(_EMPTY_U8, _EMPTY_I64, _EMPTY_U32, 0)
+
+
 class _RingReader(abc.ABC):
     """Consumer-side operations shared by the real and the simulated ring."""
 
@@ -376,9 +379,11 @@ class _RingReader(abc.ABC):
         release their space. Never blocks."""
         producer = self._producer_pos()  # before any header: acquire order on x86-64
         consumer = self._consumer_pos()
+        if producer == consumer:  # empty: the reader's idle polls, no numpy work
+            return _EMPTY_READ
         span = parse_records(self._words, consumer, producer, self._mask, max_records=max_records)
         if span.size_bytes == 0:
-            return RingRead(_EMPTY_U8, _EMPTY_I64, _EMPTY_U32, 0)
+            return _EMPTY_READ
         raw = self._bytes[span.start : span.start + span.size_bytes].copy()
         self._publish_consumer_pos(span.consumer_pos)  # only after the copy
         return RingRead(raw, span.offsets, span.lengths, span.discarded)

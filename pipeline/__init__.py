@@ -56,6 +56,9 @@ if TYPE_CHECKING:
     from .errors import StageLoadError as StageLoadError
     from .output import LineOutput as LineOutput
     from .output import appendable_problem as appendable_problem
+    from .ticks import last_tick_by as last_tick_by
+    from .ticks import next_tick as next_tick
+    from .ticks import sleep_to_next_tick as sleep_to_next_tick
 
 _EXPORTS: dict[str, tuple[str, str]] = {
     "Batch": ("_batch", "Batch"),
@@ -98,6 +101,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "StageLoadError": ("errors", "StageLoadError"),
     "LineOutput": ("output", "LineOutput"),
     "appendable_problem": ("output", "appendable_problem"),
+    "last_tick_by": ("ticks", "last_tick_by"),
+    "next_tick": ("ticks", "next_tick"),
+    "sleep_to_next_tick": ("ticks", "sleep_to_next_tick"),
 }
 """Public name -> (module, name in it)."""
 
@@ -141,9 +147,12 @@ __all__ = [
     "build_pipeline",
     "decode_stage_config",
     "describe",
+    "last_tick_by",
     "load_config",
+    "next_tick",
     "per_event",
     "resolve_stage",
+    "sleep_to_next_tick",
 ]
 
 

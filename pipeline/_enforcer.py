@@ -21,6 +21,7 @@ import trio
 
 from .config import LimitsConfig
 from .limits import EvictMap, MemoryPressure, ResourceGovernor
+from .ticks import sleep_to_next_tick
 
 if TYPE_CHECKING:
     from ._graph import Pipeline
@@ -124,4 +125,4 @@ class ResourceEnforcer:
                 self.check()
             except Exception as exc:  # a failed check must not take the pipeline down
                 log.error("resource check failed: %s: %s", type(exc).__name__, exc)
-            await trio.sleep(self.interval_s)
+            await sleep_to_next_tick(self.interval_s)

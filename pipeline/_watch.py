@@ -27,6 +27,8 @@ from typing import Any
 
 import trio
 
+from .ticks import sleep_to_next_tick
+
 __all__ = ["ConfigWatcher", "FileIdentity", "file_identity"]
 
 log = logging.getLogger("bpfpipe.reload")
@@ -59,7 +61,7 @@ class ConfigWatcher:
         path: str,
         on_change: Callable[[], Awaitable[Any]],
         *,
-        interval_s: float = 0.25,
+        interval_s: float = 0.2,
         debounce_s: float = 0.3,
     ) -> None:
         self.path = path
@@ -75,7 +77,7 @@ class ConfigWatcher:
         current = file_identity(self.path)
         task_status.started()
         while True:
-            await trio.sleep(self.interval_s)
+            await sleep_to_next_tick(self.interval_s)
             seen = file_identity(self.path)
             if seen == current or seen is None:
                 continue

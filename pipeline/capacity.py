@@ -73,8 +73,9 @@ class Workload:
     burst_s: float = 1.0
     cpus: float = 1.0
     """CPU the agent may use, in cores."""
-    max_batch_delay_ms: float = 50.0
-    wakeup_watermark: float = 0.125
+    max_batch_delay_ms: float = 100.0
+    wakeup_watermark: float = 0.5
+    """The reader's defaults (``stages.reader.RingBufferReaderConfig``)."""
     channels: int = 3
     """Channels in the chain (reader -> decoder -> sampler -> sink: 3)."""
 

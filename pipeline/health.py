@@ -80,6 +80,7 @@ from ._services import HEARTBEAT_EVENT, HeartbeatSource, ProgramHealth
 from .accounting import Outcome
 from .config import Config
 from .http import Request, Response, Route, json_response
+from .ticks import next_tick, sleep_to_next_tick
 
 if TYPE_CHECKING:
     from ._batch import Batch
@@ -473,13 +474,13 @@ class HealthMonitor(Collector):
         while True:
             if pipe.started and self.config.metrics_port != 0:
                 await self._run_program_checks(pipe)
-            await trio.sleep(self.config.health.heartbeat_interval_s)
+            await sleep_to_next_tick(self.config.health.heartbeat_interval_s)
 
     async def _beat_forever(self, pipe: Pipeline) -> None:
         while True:
             if self.heartbeats_enabled and not pipe.stopping:
                 self.beat(pipe)
-            with trio.move_on_after(self.config.health.heartbeat_interval_s):
+            with trio.move_on_at(next_tick(trio.current_time(), self.config.health.heartbeat_interval_s)):
                 await self._wake.wait()
             self._wake = trio.Event()
             self._sample(pipe, trio.current_time())

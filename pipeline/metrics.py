@@ -128,7 +128,7 @@ END_TO_END_BUCKETS_S: tuple[float, ...] = (
     5.0,
     10.0,
 )
-"""Kernel timestamp → sink: the reader's latency budget is 50 ms, so the range centres there."""
+"""Kernel timestamp → sink: the reader's latency budget is 100 ms by default, so the range centres there."""
 STAGE_TIME_BUCKETS_S: tuple[float, ...] = (
     0.00001,
     0.00005,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import stat
 import threading
@@ -36,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
+import trio.testing
 
 from .errors import SinkClosed
 
@@ -155,7 +157,11 @@ class LineOutput:
         return out
 
     spin_s = 0.02
-    """How long ``write`` keeps the loop running (yielding) before it sleeps until the thread is done."""
+    """Under an autojumping ``MockClock`` only (tests): how long ``write`` keeps the loop
+    running (yielding) before it sleeps until the thread is done. Such a clock takes a
+    loop with every task asleep for idle time and jumps ahead, firing timeouts while
+    the thread writes; the real clock does not, and there spinning would burn the CPU
+    for the whole write (measured: +15 ms of CPU per second at 20 batches a second)."""
 
     @property
     def queued_bytes(self) -> int:
@@ -190,9 +196,10 @@ class LineOutput:
             # Spin (yielding) while the write is expected to be quick: the run stays
             # busy, so trio's MockClock autojump does not mistake a file write for idle
             # time. A slow write (a stalled reader) then waits without using the CPU.
-            give_up = time.monotonic() + self.spin_s
-            while not job.done and time.monotonic() < give_up:
-                await trio.lowlevel.checkpoint()
+            if _autojumping():
+                give_up = time.monotonic() + self.spin_s
+                while not job.done and time.monotonic() < give_up:
+                    await trio.lowlevel.checkpoint()
             if not job.done:
                 await done.wait()
         except trio.Cancelled:
@@ -209,9 +216,10 @@ class LineOutput:
         Waits at most ``timeout_s`` (a stuck write is left to the daemon thread)."""
         self.close_nowait()
         if self._thread is not None and self._owned and not self._busy:  # busy: a write we gave up on
-            give_up = time.monotonic() + self.spin_s  # see write()
-            while not self._exited.is_set() and time.monotonic() < give_up:
-                await trio.lowlevel.checkpoint()
+            if _autojumping():  # see spin_s
+                give_up = time.monotonic() + self.spin_s
+                while not self._exited.is_set() and time.monotonic() < give_up:
+                    await trio.lowlevel.checkpoint()
             if not self._exited.is_set():
                 with trio.move_on_after(timeout_s):
                     await trio.to_thread.run_sync(self._exited.wait, abandon_on_cancel=True)
@@ -326,6 +334,11 @@ class LineOutput:
         self._needs_newline = False
         if self._regular:
             self.size_bytes = start + written
+
+
+def _autojumping() -> bool:
+    clock = trio.lowlevel.current_clock()
+    return isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != math.inf
 
 
 def _last_byte(path: str) -> bytes:

@@ -62,6 +62,7 @@ from ._services import HEARTBEAT_EVENT
 from .accounting import LedgerSnapshot, Outcome
 from .config import Config
 from .http import HttpError, Request, Response, Route, json_response
+from .ticks import sleep_to_next_tick
 
 if TYPE_CHECKING:
     from ._graph import Pipeline
@@ -373,7 +374,7 @@ class StatusApi:
         task_status.started()
         while True:
             self.sample(pipe)
-            await trio.sleep(SAMPLE_INTERVAL_S)
+            await sleep_to_next_tick(SAMPLE_INTERVAL_S)
 
     def sample(self, pipe: Pipeline) -> None:
         self.window.add(time.monotonic(), Totals.read(pipe.ledger.snapshot(), self.latency))

@@ -40,7 +40,8 @@ Every batch has a fixed cost (a wake-up, a channel hop per stage, a write), so
 a trickle of events must not mean a trickle of 1-event batches. The kernel
 (bpfpipe.h) wakes the reader only once ``wakeup_watermark`` of the ring is
 pending; the reader reads when :func:`next_read_at` says so: at once past that
-watermark, otherwise at the latest ``max_batch_delay_ms`` after its last read
+watermark, otherwise at the latest ``max_batch_delay_ms`` after its last read, on
+the grid of :mod:`pipeline.ticks` that the agent's other periodic work shares
 (the latency budget, as Vector's batch timeout or Kafka's ``linger.ms``). A
 wake-up below the watermark (the kernel's counter and the ring disagree for a
 moment around a read) lingers until the budget ends. The reader waits on an
@@ -78,6 +79,8 @@ from pipeline import (
     Source,
     StageContext,
     TrimmableMaps,
+    last_tick_by,
+    next_tick,
 )
 from pipeline.drain import DrainPolicy
 from pipeline.ring_accounting import KernelCounters, LedgerStep, RingAccountant
@@ -147,17 +150,22 @@ def next_read_at(
     * moderation off (``threshold_bytes == 0``: every event wakes the reader):
       at once if anything is pending, else when woken;
     * ``pending_bytes >= threshold_bytes``: at once (the batch is big enough);
-    * otherwise ``last_read + max_batch_delay_s``: nothing that arrived since the
-      last read waits longer than the budget, and a wake-up below the threshold
-      lingers until then. An empty ring waits the same way: the kernel wakes the
-      reader if the threshold is crossed meanwhile.
+    * otherwise the last multiple of ``max_batch_delay_s`` on trio's clock by
+      ``last_read + max_batch_delay_s``: nothing that arrived since the last read
+      waits longer than the budget, and a wake-up below the threshold lingers until
+      then. An empty ring waits the same way: the kernel wakes the reader if the
+      threshold is crossed meanwhile. On the grid, because the agent's other
+      periodic work ticks on it too (``pipeline.ticks``): one wake-up serves all.
     """
     if threshold_bytes <= 0:
         return now if pending_bytes > 0 else math.inf
     if pending_bytes >= threshold_bytes:
         return now
-    return last_read + max_batch_delay_s
+    return last_tick_by(last_read + max_batch_delay_s, max_batch_delay_s, last_read)
 
+
+IDLE_STATS_INTERVAL_S = 1.0
+"""How often the reader reads the kernel counters while no record reaches the ring."""
 
 # -- the stage ---------------------------------------------------------------------------
 
@@ -178,20 +186,25 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     """Most records per batch; a fuller ring is read in several batches."""
     idle_poll_s: Seconds = 0.25
     """Longest sleep without a wake-up from the ring."""
-    max_batch_delay_ms: Annotated[float, msgspec.Meta(gt=0, le=60_000)] = 50.0
+    max_batch_delay_ms: Annotated[float, msgspec.Meta(gt=0, le=60_000)] = 100.0
     """Latency budget: an event waits in the ring at most this long (plus the time to
     send the batch before it) before it is read. Below ``wakeup_watermark`` the
-    kernel does not wake the reader, so this is how often a trickle is read. 50 ms:
-    a human tailing the output sees no lag, and it is where the gain stops (exec
-    events at 1 k/s, agent CPU per event: 10 ms 25 µs, 50 ms 9 µs, 200 ms 11 µs;
-    reading every event: 141 µs); idle, it costs 20 polls a second."""
-    wakeup_watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.125
+    kernel does not wake the reader, so this is how often a trickle is read. 100 ms:
+    below saturation the agent's CPU is its wake-ups (each ~0.4-1 ms of CPU here,
+    the interpreter cold again after the pause), so halving the polls halves it —
+    measured 2026-12-03, loadgen at 1 k events/s, null sink: 50 ms 24 ms of CPU a
+    second, 100 ms 15 (a bcc consumer: 34); idle, 10 and ~6. An operator tailing the
+    output still sees no lag; latency-sensitive consumers lower it."""
+    wakeup_watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.5
     """Ring usage (a fraction of the ring) at which the kernel wakes the reader; 0
-    wakes it for every event (no moderation). 1/8: far below the drain watermark,
-    so a burst has 7/8 of the ring to fill while the reader gets scheduled, yet
-    big batches (a 256 KiB ring: ~100 exec or ~800 loadgen events)."""
+    wakes it for every event (no moderation). 1/2: half the ring per batch, and
+    still 0.4 of it for a burst before draining starts at 0.9. Measured 2026-12-03,
+    loadgen at 100 k events/s (100 ms budget), agent CPU per second, null / jsonl:
+    1/8 106 / 240 ms, 1/4 68 / 164 ms, 1/2 44 / 112 ms (a bcc consumer: 206);
+    at 1 M/s the ring lost 1.3 % / 0.2 % / 2.0 % of events (saturated either way)."""
     stats_interval_s: Seconds = 0.1
-    """How often to read the kernel counters (and account for sampled and lost events)."""
+    """How often to read the kernel counters (and account for sampled and lost events)
+    while records arrive; while none do, once a second (``IDLE_STATS_INTERVAL_S``)."""
     shutdown_timeout_s: Seconds = 2.0
     """At shutdown, how long to wait for downstream room and in-flight BPF runs."""
     overflow: Literal["drain_oldest", "block"] = "drain_oldest"
@@ -209,14 +222,14 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     """While blocked sending, how often to look at ring usage and memory pressure."""
 
     def __post_init__(self) -> None:
-        if self.wakeup_watermark >= self.drain_high_watermark:
-            raise ValueError(
-                f"wakeup_watermark ({self.wakeup_watermark}) must be below "
-                f"drain_high_watermark ({self.drain_high_watermark})"
-            )
         if self.drain_low_watermark >= self.drain_high_watermark:
             raise ValueError(
                 f"drain_low_watermark ({self.drain_low_watermark}) must be below "
+                f"drain_high_watermark ({self.drain_high_watermark})"
+            )
+        if self.wakeup_watermark >= self.drain_high_watermark:
+            raise ValueError(
+                f"wakeup_watermark ({self.wakeup_watermark}) must be below "
                 f"drain_high_watermark ({self.drain_high_watermark})"
             )
 
@@ -411,7 +424,10 @@ class RingBufferReader(Source):
         edges = select.epoll()
         try:
             edges.register(ring.fileno(), select.EPOLLIN | select.EPOLLET)
-            next_stats = trio.current_time() + cfg.stats_interval_s
+            next_stats = next_tick(trio.current_time(), cfg.stats_interval_s)
+            idle_stats_s = max(cfg.stats_interval_s, IDLE_STATS_INTERVAL_S)
+            unrefreshed = False  # records read since the counters were last read
+            last_refresh = trio.current_time()
             while True:
                 if wakeup is not None:
                     wakeup.reset_pending()  # before reading: whatever comes later counts
@@ -419,10 +435,15 @@ class RingBufferReader(Source):
                 read = ring.read_batch(cfg.max_batch_records)
                 last_read = trio.current_time()
                 await self._send_read(tx, read)
+                unrefreshed = unrefreshed or read.records > 0
                 now = trio.current_time()
                 if now >= next_stats:
-                    self._refresh_counters()
-                    next_stats = now + cfg.stats_interval_s
+                    # While nothing reaches the ring the counters move only with events
+                    # the gate sampled out: read them every idle_stats_s then.
+                    if unrefreshed or now - last_refresh >= idle_stats_s:
+                        self._refresh_counters()
+                        unrefreshed, last_refresh = False, now
+                    next_stats = next_tick(now, cfg.stats_interval_s)
                 if read.records >= cfg.max_batch_records:
                     continue  # probably more waiting; sending was a checkpoint
                 while True:

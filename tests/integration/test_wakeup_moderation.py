@@ -130,8 +130,8 @@ async def test_a_trickle_is_read_within_the_budget_with_few_wakeups() -> None:
         reader = await produce(pipe, events, 1, spacing_s=0.005)
         stats = reader.statistics()
         pipe.stop()
-    assert stats.wakeup_threshold_bytes == (1 << 16) // 8
-    # 2,000 bytes in all never reach the 8 KiB threshold: the kernel never woke the
+    assert stats.wakeup_threshold_bytes == (1 << 16) // 2
+    # 2,000 bytes in all never reach the 32 KiB threshold: the kernel never woke the
     # reader (with its default wake-ups: once per read at least, and before this
     # reader, once per event); the latency budget alone made it read.
     assert stats.wakeups == 0
@@ -147,7 +147,7 @@ async def test_a_trickle_is_read_within_the_budget_with_few_wakeups() -> None:
 
 
 async def test_a_burst_past_the_threshold_wakes_a_lingering_reader() -> None:
-    per_call, calls = 64, 8  # 512 records, 20 KiB: past the 8 KiB threshold of a 64 KiB ring
+    per_call, calls = 64, 16  # 1024 records, 40 KiB: past the 32 KiB threshold of a 64 KiB ring
     pipe = loadgen_pipeline(max_batch_delay_ms=30_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipe.run)

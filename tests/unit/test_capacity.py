@@ -17,30 +17,30 @@ def test_a_node_within_budget() -> None:
     # 10 k exec-sized events/s, 2 s bursts, half a core (the worked example in docs/capacity.md).
     rec = recommend(Workload(rate_per_s=10_000, event_bytes=64, burst_s=2, cpus=0.5), CAL)
     assert rec.record_bytes == 72  # ceil8(64 + 8)
-    # 500 events per 50 ms read need 35 pages x4; the 64-page floor wins.
-    assert (rec.ring_buffer_pages, rec.ring_buffer_bytes) == (64, 262_144)
-    # The watermark (1/8 of the ring = 455 records) wakes the reader before 50 ms pass.
-    assert rec.events_per_batch == pytest.approx(455.1, abs=0.05)
-    assert rec.batches_per_s == pytest.approx(22.0, abs=0.05)
-    assert rec.expected_cpu_cores == pytest.approx(0.006, abs=0.0005)  # 5000 + 22 x 60 us per s
+    # 1000 events per 100 ms read need 70.3 pages x4 -> 128 pages.
+    assert (rec.ring_buffer_pages, rec.ring_buffer_bytes) == (128, 524_288)
+    # The watermark (1/2 of the ring = 3641 records) is not reached: the 100 ms budget reads.
+    assert rec.events_per_batch == pytest.approx(1000.0)
+    assert rec.batches_per_s == pytest.approx(10.0)
+    assert rec.expected_cpu_cores == pytest.approx(0.006, abs=0.0005)  # 5000 + 10 x 60 us per s
     assert rec.sample_rate == 1
-    assert rec.capacity_per_s == pytest.approx(791_377, rel=1e-4)
+    assert rec.capacity_per_s == pytest.approx(892_857, rel=1e-4)  # 0.5e6 / (0.5 + 60 / 1000)
     assert (rec.max_inflight_events, rec.max_inflight_bytes) == (20_000, 1_440_000)
-    assert rec.channel_capacity == 15  # ceil(21.97 x 2 / 3)
-    assert rec.max_memory_mb == 192  # 160 + 0.25 + 2 x 1.37 -> next 32 MiB
+    assert rec.channel_capacity == 7  # ceil(10 x 2 / 3)
+    assert rec.max_memory_mb == 192  # 160 + 0.5 + 2 x 1.37 -> next 32 MiB
     assert rec.max_events_per_sec == 10_000
 
 
 def test_a_node_over_budget_settles_at_a_sampling_rate() -> None:
     rec = recommend(Workload(rate_per_s=2_000_000, event_bytes=64, burst_s=1, cpus=1), CAL)
-    assert (rec.ring_buffer_pages, rec.ring_buffer_bytes) == (8192, 33_554_432)  # 7031 pages -> 2^13
-    assert rec.events_per_batch == pytest.approx(58_254.2, abs=0.05)
-    assert rec.capacity_per_s == pytest.approx(1_995_889, rel=1e-4)
+    assert (rec.ring_buffer_pages, rec.ring_buffer_bytes) == (16384, 67_108_864)  # 14063 pages -> 2^14
+    assert rec.events_per_batch == pytest.approx(200_000.0)
+    assert rec.capacity_per_s == pytest.approx(1_998_801, rel=1e-4)
     assert rec.sample_rate == 2
     assert rec.max_events_per_sec == 1_000_000
     assert (rec.max_inflight_events, rec.max_inflight_bytes) == (1_000_000, 72_000_000)
-    assert rec.channel_capacity == 12
-    assert rec.max_memory_mb == 352  # 160 + 32 + 2 x 68.7
+    assert rec.channel_capacity == 4  # ceil(10 x 1 / 3), the floor
+    assert rec.max_memory_mb == 384  # 160 + 64 + 2 x 68.7
     assert rec.expected_cpu_cores == 1.0  # capped at the budget
 
 

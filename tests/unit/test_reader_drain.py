@@ -338,4 +338,6 @@ def test_the_low_watermark_must_be_below_the_high_one(low: float, high: float) -
         RingBufferReaderConfig(drain_low_watermark=low, drain_high_watermark=high)
     with pytest.raises(msgspec.ValidationError, match="must be below"):
         msgspec.convert({"drain_low_watermark": low, "drain_high_watermark": high}, RingBufferReaderConfig)
-    RingBufferReaderConfig(drain_low_watermark=min(low, high) - 0.1, drain_high_watermark=max(low, high))
+    RingBufferReaderConfig(
+        drain_low_watermark=min(low, high) - 0.1, drain_high_watermark=max(low, high), wakeup_watermark=0.25
+    )

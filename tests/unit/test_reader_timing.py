@@ -69,7 +69,7 @@ def test_never_waits_past_the_budget_while_anything_is_pending(
 
 def test_config_defaults_and_bounds():
     config = RingBufferReaderConfig()
-    assert (config.max_batch_delay_ms, config.wakeup_watermark) == (50.0, 0.125)
+    assert (config.max_batch_delay_ms, config.wakeup_watermark) == (100.0, 0.5)
     with pytest.raises(ValueError, match="wakeup_watermark"):
         RingBufferReaderConfig(wakeup_watermark=0.95)
     for bad in ({"max_batch_delay_ms": 0}, {"wakeup_watermark": 1.0}, {"wakeup_watermark": -0.1}):
