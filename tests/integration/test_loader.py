@@ -28,6 +28,7 @@ from bpf.loader import (
     load_program,
     ring_buffer_pages,
 )
+from bpf.programs import STAT_NAMES
 from pipeline.errors import BpfUnavailableError, ConfigError
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
@@ -322,3 +323,25 @@ def test_only_our_own_unheld_program_is_stale(
         assert problem.endswith(
             f"remove it with `ip link set dev veth0 {word} off` or `bpftool net detach {word} dev veth0`"
         ), problem
+
+
+def test_kernel_stats_read_in_one_batch_equal_the_per_key_lookups() -> None:
+    program = load_program("loadgen", ring_buffer_size=4096, map_size=1024)
+    assert isinstance(program, LoadgenProgram)
+    try:
+        program.configure_loadgen(os.getpid(), 3)
+        for _ in range(5):
+            os.getppid()
+        program.configure_loadgen(0, 0)
+        batched = program.kernel_stats_per_cpu()
+        assert program._stats_reader is not None and program._stats_reader._batch_works  # one syscall
+        table = program.bpf[b"bpfpipe_stats"]
+        by_key = [[int(v) for v in table.getvalue(table.Key(i))] for i in range(len(STAT_NAMES))]
+        assert batched == [
+            {name: by_key[i][cpu] for i, name in enumerate(STAT_NAMES)} for cpu in range(len(batched))
+        ]
+        totals = program.kernel_stats()
+        assert totals["events"] == totals["emitted"] == 15
+        assert totals == {name: sum(row) for name, row in zip(STAT_NAMES, by_key, strict=True)}
+    finally:
+        program.close()
