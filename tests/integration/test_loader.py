@@ -325,6 +325,7 @@ def test_only_our_own_unheld_program_is_stale(
         ), problem
 
 
+@pytest.mark.bpf
 def test_kernel_stats_read_in_one_batch_equal_the_per_key_lookups() -> None:
     program = load_program("loadgen", ring_buffer_size=4096, map_size=1024)
     assert isinstance(program, LoadgenProgram)
