@@ -193,8 +193,8 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     below saturation the agent's CPU is its wake-ups (each ~0.4-1 ms of CPU here,
     the interpreter cold again after the pause), so halving the polls halves it —
     measured 2026-12-03, loadgen at 1 k events/s, null sink: 50 ms 24 ms of CPU a
-    second, 100 ms 15 (a bcc consumer: 34); idle, 10 and ~6. An operator tailing the
-    output still sees no lag; latency-sensitive consumers lower it."""
+    second, 100 ms 15 (a bcc consumer: 34); idle at 100 ms, 7. An operator tailing
+    the output still sees no lag; latency-sensitive consumers lower it."""
     wakeup_watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.5
     """Ring usage (a fraction of the ring) at which the kernel wakes the reader; 0
     wakes it for every event (no moderation). 1/2: half the ring per batch, and
