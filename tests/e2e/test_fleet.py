@@ -273,3 +273,18 @@ def test_an_agent_keeps_its_policy_while_the_control_plane_is_away(tmp_path: Pat
             assert agent.stop() == 0, agent.stderr
         finally:
             agent.kill()
+
+
+def test_policy_before_any_bucket_is_one_line_exit_1(tmp_path: Path) -> None:
+    require_nats()
+    with nats_cluster(tmp_path, n=1) as cluster:
+        url = cluster.urls[0]
+        for command in ("get", "status"):
+            done = bpfpipe("policy", command, "--servers", url)
+            assert done.returncode == 1, done.stderr
+            (only,) = done.stderr.strip().splitlines()
+            assert only == (
+                f"bpfpipe: error: no bucket 'bpfpipe-policy' at {url}: "
+                "no agent or 'bpfpipe policy set' has used it yet"
+            ), done.stderr
+        assert statuses(url) == {}  # neither command made the bucket
