@@ -411,6 +411,28 @@ def _table_names(bpf: Any) -> list[str]:
     return [lib.bpf_table_name(bpf.module, index).decode() for index in range(count)]
 
 
+def _lookup_batch(fd: int, resume: Any, token: Any, keys: Any, values: Any, count: Any) -> int:
+    """One BPF_MAP_LOOKUP_BATCH through libbcc: 0, or its errno (ENOENT: the end of the
+    map). ``resume``: the token to go on from (None: from the start); ``token`` gets the
+    next one; ``count`` (a ``c_uint32``) holds the room on the way in, the entries read
+    on the way out."""
+    import ctypes
+
+    from bcc.libbcc import lib
+
+    result = lib.bpf_lookup_batch(
+        fd,
+        None if resume is None else ctypes.byref(resume),
+        ctypes.byref(token),
+        keys,
+        values,
+        ctypes.byref(count),
+    )
+    if result == 0:
+        return 0
+    return int(-result if result < 0 else ctypes.get_errno())
+
+
 class _PerCpuArrayReader:
     """A whole per-CPU array map (keys ``0..n-1``) read with one BPF_MAP_LOOKUP_BATCH
     into buffers kept between calls; key by key through bcc where the kernel lacks
@@ -436,22 +458,12 @@ class _PerCpuArrayReader:
         import ctypes
         import errno
 
-        from bcc.libbcc import lib
-
         token, count = ctypes.c_uint32(0), ctypes.c_uint32(len(self._keys))
-        result = lib.bpf_lookup_batch(
-            self._table.map_fd,
-            None,
-            ctypes.byref(token),
-            self._keys.ctypes.data,
-            self._values.ctypes.data,
-            ctypes.byref(count),
+        code = _lookup_batch(
+            self._table.map_fd, None, token, self._keys.ctypes.data, self._values.ctypes.data, count
         )
-        if result != 0:
-            code = -result if result < 0 else ctypes.get_errno()
-            if code != errno.ENOENT:  # ENOENT: the end of the map, all read
-                return False
-        return count.value == len(self._keys)
+        # ENOENT: the end of the map, all read.
+        return code in (0, errno.ENOENT) and count.value == len(self._keys)
 
 
 class _EntryCounter:
@@ -487,22 +499,19 @@ class _EntryCounter:
         import ctypes
         import errno
 
-        from bcc.libbcc import lib
-
         token, count, total = ctypes.c_uint32(0), ctypes.c_uint32(0), 0
         while total < self.max_entries:
             count.value = self.max_entries - total
-            result = lib.bpf_lookup_batch(
+            code = _lookup_batch(
                 self._table.map_fd,
-                ctypes.byref(token) if total else None,
-                ctypes.byref(token),
+                token if total else None,
+                token,
                 ctypes.byref(self._keys, self._key_size * total),
                 ctypes.byref(self._values, self._value_size * total),
-                ctypes.byref(count),
+                count,
             )
             total += count.value
-            if result != 0:
-                code = -result if result < 0 else ctypes.get_errno()
+            if code != 0:
                 if code == errno.ENOENT:  # the end of the map: the normal way out
                     return total
                 if total == 0 and code in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):

@@ -45,7 +45,7 @@ from pipeline import Batch, BatchSink, ConfigError, StageContext
 from pipeline import Config as Settings
 from pipeline.asyncio_bridge import AsyncioThread
 
-from .jsonl_sink import JsonLinesEncoder
+from .jsonl_sink import JsonLinesEncoder, line_ends
 from .spool_replay import SpooledBatch, run_id
 
 __all__ = [
@@ -121,7 +121,7 @@ def chunk_ranges(lines: bytes, max_events: int, max_bytes: int) -> list[tuple[in
     lines and ``max_bytes`` bytes each (a single longer line goes alone; the server will
     refuse it). The same lines always give the same ranges, so a replay's chunks (and ids)
     are the first attempt's."""
-    ends = np.flatnonzero(np.frombuffer(lines, dtype=np.uint8) == 0x0A) + 1
+    ends = line_ends(lines)
     out: list[tuple[int, int, int]] = []
     i, start, n = 0, 0, len(ends)
     while i < n:

@@ -280,6 +280,12 @@ class JsonLinesEncoder:
         return plan
 
 
+def line_ends(lines: bytes) -> npt.NDArray[np.intp]:
+    """The offset just past each line of JSON-lines output: every ``b"\\n"`` ends a line
+    (strings escape their newlines)."""
+    return np.flatnonzero(np.frombuffer(lines, dtype=np.uint8) == 0x0A) + 1
+
+
 def output_problem(path: str, *, create_parents: bool = False) -> None:
     """Raise ``ConfigError("path", ...)`` if ``path`` cannot be opened for appending."""
     if path == "-":

@@ -40,7 +40,7 @@ import trio
 from pipeline import Batch, BatchReceiver, LineOutput, Outcome, Sink, SinkClosed, StageContext
 from pipeline import Config as Settings
 
-from .jsonl_sink import JsonLinesEncoder, output_problem
+from .jsonl_sink import JsonLinesEncoder, line_ends, output_problem
 from .spool_replay import IndexEntry, SpoolReplayFiles, encode_entry, run_id
 
 __all__ = ["SPOOL_FULL", "SpoolConfig", "SpoolSink", "SpoolStatistics"]
@@ -105,10 +105,9 @@ class SpoolSink(Sink):
         blob = b"".join(await self._encoder.encode_batch(batch))
         kept = n
         if len(blob) > room:
-            # Every b"\n" in JSON-lines output ends a line (strings escape newlines).
-            line_ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0x0A) + 1
-            kept = int(np.searchsorted(line_ends, room, side="right"))
-            blob = blob[: int(line_ends[kept - 1])] if kept else b""
+            ends = line_ends(blob)
+            kept = int(np.searchsorted(ends, room, side="right"))
+            blob = blob[: int(ends[kept - 1])] if kept else b""
         start = out.size_bytes
         if blob:
             try:
