@@ -251,6 +251,11 @@ class LoadedProgram:
             raise ValueError(f"sample rate must be an integer in 1..2**32-1, got {rate!r}")
         table = self._table("bpfpipe_rate")
         table[table.Key(0)] = table.Leaf(rate)
+        self.gate_rate = rate
+
+    gate_rate = 1
+    """The rate last given to :meth:`set_sample_rate` (1: never): what the reader looks at
+    per read, without a map lookup."""
 
     def sample_rate(self) -> int:
         table = self._table("bpfpipe_rate")

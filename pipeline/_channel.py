@@ -127,6 +127,13 @@ class EdgeStatistics:
     period ``Δreceived_events`` is the consumer's rate, and while the consumer is
     the bottleneck that rate is its capacity (what the sampler learns). Queued
     counts include a batch whose ``send`` is still waiting for room.
+
+    ``completed_events`` and ``last_take_s`` measure that rate without counting a
+    partial batch: a consumer that takes batch ``k + 1`` has finished batch ``k``, so
+    between two takes it finished exactly the events received before the later one.
+    While it is busy throughout (the bottleneck: there is always a batch to take),
+    ``Δcompleted_events / Δlast_take_s`` is its rate to within the clock's error,
+    where ``Δreceived_events`` over a fixed period is off by up to a batch.
     """
 
     name: str
@@ -141,6 +148,10 @@ class EdgeStatistics:
     sent_events: int
     received_batches: int
     received_events: int
+    completed_events: int = 0
+    """Events received before the last take (``received_events`` less the last batch)."""
+    last_take_s: float = 0.0
+    """When the consumer took its last batch, on trio's clock (0: never)."""
 
     @property
     def fill(self) -> float:
@@ -164,6 +175,8 @@ class Edge:
         self.sent_events = 0
         self.received_batches = 0
         self.received_events = 0
+        self.completed_events = 0
+        self.last_take_s = 0.0
         self.sending = 0
         """Sends inside the trio channel's ``send`` (their batch may be buffered, uncounted)."""
         self.room = trio.lowlevel.ParkingLot()
@@ -200,6 +213,8 @@ class Edge:
             self.sent_events,
             self.received_batches,
             self.received_events,
+            self.completed_events,
+            self.last_take_s,
         )
 
 
@@ -422,6 +437,8 @@ class BatchReceiver:
         edge = self._edge
         edge.queued_events -= n
         edge.queued_bytes -= batch.nbytes
+        edge.completed_events = edge.received_events
+        edge.last_take_s = trio.current_time()
         edge.received_batches += 1
         edge.received_events += n
         if edge.room:

@@ -674,7 +674,9 @@ def _pipeline_families(
 
 def _node_families(pipe: Pipeline) -> Iterator[Metric]:
     rate = GaugeMetricFamily(
-        "bpfpipe_sampling_rate", "User-space sampler: 1 event kept in N", labels=["stage"]
+        "bpfpipe_sampling_rate",
+        "Sampler: 1 event kept in N of the kernel's (fractional where a limit sets it)",
+        labels=["stage"],
     )
     state = GaugeMetricFamily(
         "bpfpipe_breaker_state", "Circuit breaker state (1 for the current one)", labels=["stage", "state"]
@@ -704,7 +706,7 @@ def _node_families(pipe: Pipeline) -> Iterator[Metric]:
             continue
         record = node.statistics()
         if isinstance(record, _SamplerLike):
-            rate.add_metric([ctx.name], record.sample_rate)
+            rate.add_metric([ctx.name], getattr(record, "exact_rate", record.sample_rate))
         if isinstance(record, _BreakerLike):
             current = record.breaker.state
             for candidate in BreakerState:

@@ -9,6 +9,18 @@ the kernel's sampling gate takes integers; the keep fraction is ``1/N``. ``N``
 counts relative to the events the kernel saw: an event that reaches user space
 with weight ``w`` (the kernel gate kept it 1 in ``w``) is already reduced ``w``-fold.
 
+Fractional rates. Where a cap or the learned capacity sets ``N`` (``cap``,
+``learned`` below), whole numbers cost up to a step: at ``r = 10·C``, 1 in 11 sends
+``0.91·C`` and 1 in 12 ``0.83·C``. So the policy also keeps
+:attr:`SamplingPolicy.exact_rate` ``x``: the largest of the rules' unrounded values of
+the last adjustment — ``aimd`` (whole; where it is above both limits), ``r /
+(h'·C)`` for the cap ``C``, ``r / (h'·C_L)`` for the learned capacity — clamped into
+``(N - 1, N]``; so ``x = N`` wherever AIMD or ``min_sample_rate`` sets ``N``, and where a limit sets it, ``x``
+sends at most ``h'`` of that limit. The sampler samples at ``x``: a
+kernel gate takes :attr:`SamplingPolicy.gate_rate` ``= ⌊x⌋`` and user space the
+rest, ``⌊x⌋ / x`` of what arrives. ``N`` alone still drives every rule, report and
+guarantee below; ``x ≤ N`` only ever sends more, up to ``h'·C_L``.
+
 Inputs and timing
 -----------------
 The shell calls :meth:`SamplingPolicy.observe` with what it sees, as often as it
@@ -16,11 +28,16 @@ likes; every count is summed over the adjustment period:
 
 * ``fill`` — of the channel downstream (0..1), and ``lag_s`` — now minus read time;
 * ``weighted_events`` — the weighted events that arrived. Each stands for its
-  weight's worth of kernel events, so kernel-sampled-out events are counted;
+  weight's worth of kernel events, so kernel-sampled-out events are counted; with
+  ``weighted_span_s``, the time those events were gathered over (a batch read at
+  ``t`` holds what came since the read before, at ``t'``: it spans ``t - t'``);
 * ``lost_upstream`` — the weight of events lost before they could arrive, for want
   of room (ring-buffer records drained or lost on reserve). They were offered too:
   the input rate ``r = (weighted_events + lost_upstream) / elapsed`` is what would
-  arrive if the pipeline kept up. A source that blocks under back-pressure instead
+  arrive if the pipeline kept up. In a period without losses and with a span it is
+  ``weighted_events / weighted_span_s``: whole batches over exactly the time they
+  gathered, where over the period one that catches 8 batches rather than 7 of a
+  source read 14 times a second would read 14 % more. A source that blocks under back-pressure instead
   loses nothing and is undercounted while blocked; the rules below allow for that.
 * ``sent_events`` — events sent downstream; ``consumed_events``/``consumed_batches``
   — events and batches the consumer took off the channel. Counted, not weighted: a
@@ -42,7 +59,9 @@ A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
   *downstream-bound* when fill ≥ ``high_fill``, or fill > ``low_fill`` and the backlog
   grew by more than a batch: the consumer was the bottleneck, so what it took is what
   it can take. The last (up to :data:`CAPACITY_WINDOW_PERIODS`) consecutive bound
-  periods in which it took something *measure* ``C_L`` = consumed events / time, once
+  periods in which it took something *measure* ``C_L`` = consumed events / time (the
+  events it finished between two of its takes over the time between them, when the
+  shell reports those: a period's count is off by up to a batch), once
   they hold :data:`MIN_CAPACITY_BATCHES` batches; a measurement sets ``learned ←
   ⌈r / (h'·C_L)⌉`` with ``h' = 1 - cap_hysteresis/2``: the rate that fits with half
   the hysteresis as headroom, so a backlog drains and the consumer is kept busy:
@@ -104,8 +123,10 @@ Numbers at defaults: period 0.5 s, ``decrease_factor`` 0.5, ``increase_step`` 0.
   consumer of capacity ``C`` behind a channel of up to two periods' worth (in batches
   of at most a ninth of a period's worth), from ``N = 1`` or any ``N`` pressure left,
   with a source that reports its losses or one that blocks: within 20 periods (10 s)
-  ``N`` settles in ``[⌈r/C⌉, ⌈r/(h·C)⌉]`` — delivered ``D ∈ [0.81·C, C]``, ``N`` at
-  most 22 % above ``r/C`` — and does not move for ``capacity_hold_periods`` (10 s).
+  ``N`` settles in ``[⌈r/C⌉, ⌈r/(h·C)⌉]`` — ``N`` at most 22 % above ``r/C``; at whole
+  ``N`` the delivered ``D ∈ [0.81·C, C]``, at the exact rate ``D ∈ [0.9·C, C]``
+  (``h'·C`` when ``C`` is measured exactly) — and does not move for
+  ``capacity_hold_periods`` (10 s).
   (While a blocking source hides ``r`` the doubling may overshoot the band up to
   twice; ``min(aimd, learned)`` brings ``N`` back in the first unpressured period.)
   After that it only moves to probe: a probe sends at most ``1.1·C``
@@ -284,11 +305,15 @@ class SamplingPolicy:
         """The current sampling rate N (keep 1 in N)."""
         self.changes = 0
         """How many times N has changed."""
+        self.input_per_s = 0.0
+        """The input rate ``r`` the last adjustment acted on."""
         self.capacity = DownstreamCapacity(params)
         """What is known of the consumer downstream."""
         self._aimd = params.min_sample_rate
         self._cap = 1
         self._learned = 1
+        self._learned_fit = 1.0
+        self._exact = float(self.rate)
         self._pressured = False
         self._unpressured_input_per_s = 0.0
         self._backlog = 0.0
@@ -302,14 +327,31 @@ class SamplingPolicy:
         self._lag_sum = 0.0
         self._lag_n = 0
         self._weighted_in = 0.0
+        self._weighted_span_s = 0.0
         self._lost_upstream = 0.0
         self._sent = 0.0
         self._consumed = 0.0
         self._consumed_batches = 0.0
+        self._completed = 0.0
+        self._completed_span_s = 0.0
+
+    @property
+    def exact_rate(self) -> float:
+        """The rate to sample at: ``N`` itself, except where the learned capacity sets ``N``;
+        there the exact ``r / (h'·C_L)`` of the last adjustment, in ``(N - 1, N]`` (see
+        "Fractional rates" in the module docstring)."""
+        return self._exact if self.rate - 1 < self._exact <= self.rate else float(self.rate)
+
+    @property
+    def gate_rate(self) -> int:
+        """The integer rate for a kernel gate: the largest that does not sample more than
+        :attr:`exact_rate` (``N - 1`` while the exact rate is below ``N``); user space takes
+        the remaining ``gate_rate / exact_rate``."""
+        return math.floor(self.exact_rate)
 
     @property
     def keep_fraction(self) -> float:
-        return 1.0 / self.rate
+        return 1.0 / self.exact_rate
 
     @property
     def capacity_per_s(self) -> float | None:
@@ -322,12 +364,19 @@ class SamplingPolicy:
         fill: float | None = None,
         lag_s: float | None = None,
         weighted_events: float = 0.0,
+        weighted_span_s: float = 0.0,
         lost_upstream: float = 0.0,
         sent_events: float = 0,
         consumed_events: float = 0,
         consumed_batches: float = 0,
+        completed_events: float = 0,
+        completed_span_s: float = 0.0,
     ) -> None:
-        """Add one sample of the downstream fill and/or the lag, and flows since the last call."""
+        """Add one sample of the downstream fill and/or the lag, and flows since the last call.
+        ``completed_events`` finished by the consumer over ``completed_span_s`` seconds
+        (between two of its takes: ``pipeline.EdgeStatistics.completed_events``) measure
+        its capacity without a partial batch; without them, ``consumed_events`` over the
+        period do."""
         if fill is not None:
             self._fill_last = min(max(fill, 0.0), 1.0)
             self._fill_sum += self._fill_last
@@ -336,10 +385,13 @@ class SamplingPolicy:
             self._lag_sum += max(lag_s, 0.0)
             self._lag_n += 1
         self._weighted_in += weighted_events
+        self._weighted_span_s += weighted_span_s
         self._lost_upstream += lost_upstream
         self._sent += sent_events
         self._consumed += consumed_events
         self._consumed_batches += consumed_batches
+        self._completed += completed_events
+        self._completed_span_s += completed_span_s
 
     def tick(self, now: float) -> RateChange | None:
         """Adjust N if a period has passed. Returns the change, or None if N is unchanged."""
@@ -351,17 +403,28 @@ class SamplingPolicy:
         fill = self._fill_sum / self._fill_n if self._fill_n else 0.0
         fill_end = self._fill_last if self._fill_n else 0.0
         lag_s = self._lag_sum / self._lag_n if self._lag_n else 0.0
-        input_per_s = (self._weighted_in + self._lost_upstream) / elapsed if elapsed > 0 else 0.0
+        arrived = self._weighted_in
+        if self._weighted_span_s > 0 and self._lost_upstream == 0:
+            # As if gathered over the period. (Not while the source loses: its losses fill the
+            # time it could not deliver, the arrivals' rate must not be stretched over it too.)
+            arrived *= elapsed / self._weighted_span_s
+        input_per_s = (arrived + self._lost_upstream) / elapsed if elapsed > 0 else 0.0
+        self.input_per_s = input_per_s
         sent, consumed, batches, lost = (
             self._sent,
             self._consumed,
             self._consumed_batches,
             self._lost_upstream,
         )
+        took, took_s = consumed, elapsed  # what measures the consumer's rate
+        if self._completed > 0 and self._completed_span_s > 0:
+            took, took_s = self._completed, self._completed_span_s
         self._period_start = now
         self.due_at = now + p.adjust_period_s
         self._fill_sum = self._lag_sum = self._weighted_in = self._lost_upstream = 0.0
+        self._weighted_span_s = 0.0
         self._sent = self._consumed = self._consumed_batches = 0.0
+        self._completed = self._completed_span_s = 0.0
         self._fill_n = self._lag_n = 0
 
         h = 1.0 - p.cap_hysteresis
@@ -381,7 +444,7 @@ class SamplingPolicy:
         self._fill_end = fill_end
         self._backlog = max(0.0, self._backlog + sent - consumed)  # events queued downstream
         bound = fill >= p.high_fill or (fill > p.low_fill and backlog_grew)
-        measured = self.capacity.period(bound=bound, consumed=consumed, batches=batches, elapsed=elapsed)
+        measured = self.capacity.period(bound=bound, consumed=took, batches=batches, elapsed=took_s)
 
         # A source that blocks is undercounted while the pressure lasts, not before it.
         offered_per_s = input_per_s
@@ -424,6 +487,15 @@ class SamplingPolicy:
 
         self.rate = min(p.max_sample_rate, max(self._aimd, self._cap, self._learned, p.min_sample_rate))
         holds_n_up = self._learned > max(self._aimd, self._cap, p.min_sample_rate)
+        # The exact rate: each rule's unrounded value, the largest of them, in (N - 1, N].
+        fit = float(p.min_sample_rate)
+        if self._aimd > max(self._cap, self._learned):  # AIMD alone sets N (a tie: the limit does)
+            fit = max(fit, self._aimd)
+        if p.cap_per_s > 0:
+            fit = max(fit, offered_per_s / ((1.0 - p.cap_hysteresis / 2) * p.cap_per_s))
+        if self.capacity.per_s is not None:
+            fit = max(fit, self._learned_fit)
+        self._exact = min(float(self.rate), max(self.rate - 1.0, fit))
         if self.capacity.unused(periods if relieved and not holds_n_up else 0):
             self._learned = 1
         if self.rate == old:
@@ -443,11 +515,13 @@ class SamplingPolicy:
         """``learned`` stays in ``[⌈r/C_L⌉, ⌈r/(h·C_L)⌉]``; when it moves, to ``⌈r/(h'·C_L)⌉``."""
         if self.capacity.per_s is None:
             self._learned = 1
+            self._learned_fit = 1.0
             return
         low = input_per_s / self.capacity.per_s
         top = max(1, min(math.ceil(low / h), self.params.max_sample_rate))
+        aim = 1.0 - self.params.cap_hysteresis / 2
+        self._learned_fit = min(low / aim, float(self.params.max_sample_rate))
         if measured or not math.ceil(low) <= self._learned <= top:
-            aim = 1.0 - self.params.cap_hysteresis / 2
             self._learned = max(1, min(math.ceil(low / aim), self.params.max_sample_rate))
 
 

@@ -49,7 +49,10 @@ edge-triggered epoll of the ring, so records left in the ring on purpose do
 not make it readable again. Cancellation (shutdown) ends any wait at once, and
 waiting never delays a blocked send's drain checks (they run while sending).
 A program without the moderation map (``ring_wakeup`` None), or a watermark of
-0, is read as soon as anything is committed, as before.
+0, is read as soon as anything is committed, as before. While the program's
+sampling gate samples (the sampler shedding load), ``sampling_wakeup_watermark``
+takes the place of ``wakeup_watermark``: the ring then fills at about the
+consumer's pace, and smaller batches keep what is delivered young.
 
 Overflow: with ``overflow = "drain_oldest"``, while a send is blocked the reader
 asks :class:`pipeline.drain.DrainPolicy` every ``drain_check_s`` whether to skip
@@ -202,6 +205,14 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     loadgen at 100 k events/s (100 ms budget), agent CPU per second, null / jsonl:
     1/8 106 / 240 ms, 1/4 68 / 164 ms, 1/2 44 / 112 ms (a bcc consumer: 206);
     at 1 M/s the ring lost 1.3 % / 0.2 % / 2.0 % of events (saturated either way)."""
+    sampling_wakeup_watermark: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.25
+    """The wake-up watermark while the program's sampling gate samples (rate > 1): the
+    pipeline is shedding load then, so the ring fills at about what the consumer
+    downstream takes, not at what the batch cost calls for, and half a ring would be
+    latency that saves nothing. Measured 2026-12-03, ``bench/overload.py``
+    kernel_sampler (500 k events/s offered, a 50 k/s sink, all on one CPU): mean age
+    of the delivered batches once settled 1/2 0.133 s, 1/4 0.062 s, 1/8 0.039 s; the
+    sink's share delivered 0.93, 0.92, 0.87 (the extra reads take its CPU)."""
     stats_interval_s: Seconds = 0.1
     """How often to read the kernel counters (and account for sampled and lost events)
     while records arrive; while none do, once a second (``IDLE_STATS_INTERVAL_S``)."""
@@ -227,11 +238,12 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
                 f"drain_low_watermark ({self.drain_low_watermark}) must be below "
                 f"drain_high_watermark ({self.drain_high_watermark})"
             )
-        if self.wakeup_watermark >= self.drain_high_watermark:
-            raise ValueError(
-                f"wakeup_watermark ({self.wakeup_watermark}) must be below "
-                f"drain_high_watermark ({self.drain_high_watermark})"
-            )
+        for name in ("wakeup_watermark", "sampling_wakeup_watermark"):
+            if getattr(self, name) >= self.drain_high_watermark:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be below "
+                    f"drain_high_watermark ({self.drain_high_watermark})"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +430,10 @@ class RingBufferReader(Source):
         assert ring is not None
         wakeup = self._wakeup
         threshold = self._wakeup_threshold_bytes
+        thresholds = (  # by whether the program's gate samples
+            int(cfg.wakeup_watermark * ring.size_bytes),
+            int(cfg.sampling_wakeup_watermark * ring.size_bytes),
+        )
         budget_s = cfg.max_batch_delay_ms / 1000
         # Edge-triggered: woken by the kernel's wake-ups only, not by records left
         # in the ring on purpose (a ring fd polls readable while anything is unread).
@@ -430,6 +446,10 @@ class RingBufferReader(Source):
             last_refresh = trio.current_time()
             while True:
                 if wakeup is not None:
+                    wanted = thresholds[getattr(self.program, "gate_rate", 1) > 1]
+                    if wanted != threshold:
+                        threshold = self._wakeup_threshold_bytes = wanted
+                        wakeup.set_threshold(wanted)
                     wakeup.reset_pending()  # before reading: whatever comes later counts
                 self._observe_usage(ring.usage())
                 read = ring.read_batch(cfg.max_batch_records)

@@ -6,10 +6,13 @@ downstream's capacity learned under back-pressure; its docstring states the
 guarantees). This stage only feeds it and applies its answer. It feeds:
 
 * per batch: the fill of the channel it sends on, the batch's lag
-  (``monotonic_ns() - read_time_ns``) and its weighted event count;
+  (``monotonic_ns() - read_time_ns``), its weighted event count and the time since
+  the batch before it arrived (what it gathered over: so the input rate has no
+  batch's worth of error per period);
 * per period: the events it sent, the events and batches the consumer took off
   that channel (``EdgeStatistics.received_*``: the consumer's rate while it is the
-  bottleneck is its capacity), and the weight of the events the source lost for
+  bottleneck is its capacity; ``completed_events`` between its takes measure that
+  rate without a partial batch), and the weight of the events the source lost for
   want of room since the last period (``DRAINED`` and ``LOST_ON_RESERVE`` in the
   ledger).
 
@@ -31,21 +34,24 @@ the policy allows for that.
 
 Where the sampling happens (the kernel gate rule)
 -------------------------------------------------
-The rate ``N`` is the *total* reduction wanted, relative to what the kernel saw.
-An event's weight ``w`` says how much of that the kernel's gate already did
-(sources stamp the gate's rate at emission into ``batch.weights``). The sampler
-takes only the remainder, per event: keep with probability ``min(1, w/N)`` and
-set the weight of a kept event to ``max(w, N)``, i.e. ``w * max(1, N/w)``. So:
+The rate ``N`` is the *total* reduction wanted, relative to what the kernel saw;
+the stage samples at the policy's ``exact_rate`` ``x`` — ``N`` itself, or a
+fraction below it where the learned capacity sets ``N`` (``pipeline.sampling``,
+"Fractional rates"). An event's weight ``w`` says how much of that the kernel's gate
+already did (sources stamp the gate's rate at emission into ``batch.weights``). The
+sampler takes only the remainder, per event: keep with probability ``min(1, w/x)``
+and set the weight of a kept event to ``max(w, x)``, i.e. ``w * max(1, x/w)``. So:
 
-* a source without a gate (``w = 1``): 1 in ``N`` is kept in user space, weight ``N``;
+* a source without a gate (``w = 1``): 1 in ``x`` is kept in user space, weight ``x``;
 * a source whose gate is attached (:meth:`AdaptiveSampler.attach_gate`) and has
-  caught up (``w = N``): nothing is sampled here — the kernel takes the reduction;
+  caught up: the gate runs at the whole part ``⌊x⌋`` (``w = ⌊x⌋``), and here
+  ``⌊x⌋/x`` of the events are kept — all of them when ``x`` is whole (``x = N``);
 * events the kernel emitted at an older, lower rate (still in flight after a
   change), or past what a gate can do: user space covers just the difference.
 
 Weighted totals stay unbiased (``E[kept weight] = w``). Dropped events are recorded
-as ``Outcome.USER_SAMPLED_OUT`` (reason ``adaptive sampling``). At ``N = 1`` and
-whenever every weight is at least ``N``, batches pass untouched without drawing
+as ``Outcome.USER_SAMPLED_OUT`` (reason ``adaptive sampling``). At ``x = 1`` and
+whenever every weight is at least ``x``, batches pass untouched without drawing
 random numbers.
 
 The rate cap from the first event
@@ -65,8 +71,8 @@ sampled, never capped, and not fed to the policy.
 
 Timing: a task in the stage runs one policy adjustment every ``adjust_period_s``
 on trio's clock, also while the stage is blocked sending (that is when the fill is
-most telling). Each change of ``N`` is logged once (logger ``bpfpipe.sampler``)
-and pushed to the gate, if any.
+most telling). Each change of ``N`` is logged once (logger ``bpfpipe.sampler``);
+each change of ``⌊x⌋`` is pushed to the gates, if any.
 """
 
 from __future__ import annotations
@@ -116,6 +122,11 @@ class AdaptiveSamplerConfig(SamplingParams, frozen=True, forbid_unknown_fields=T
 class SamplerStatistics:
     sample_rate: int
     """The current N (keep 1 in N)."""
+    exact_rate: float
+    """The rate sampled at, in ``(N - 1, N]``: ``N`` except where the learned capacity sets it
+    (``pipeline.sampling``, "Fractional rates")."""
+    gate_rate: int
+    """The rate pushed to the kernel gates: ``⌊exact_rate⌋``; user space takes the rest."""
     rate_changes: int
     gate_attached: bool
     user_sampled_out_events: int
@@ -138,6 +149,8 @@ class _Flows:
     sent_events: int = 0
     consumed_events: int = 0
     consumed_batches: int = 0
+    completed_events: int = 0
+    last_take_s: float = 0.0
     lost_upstream: float = 0.0
 
     @classmethod
@@ -146,6 +159,8 @@ class _Flows:
             sent_events=edge.sent_events,
             consumed_events=edge.received_events,
             consumed_batches=edge.received_batches,
+            completed_events=edge.completed_events,
+            last_take_s=edge.last_take_s,
             lost_upstream=ledger.total_weight(*LOST_UPSTREAM, stages=upstream),
         )
 
@@ -154,6 +169,8 @@ class _Flows:
             self.sent_events - before.sent_events,
             self.consumed_events - before.consumed_events,
             self.consumed_batches - before.consumed_batches,
+            self.completed_events - before.completed_events,
+            self.last_take_s - before.last_take_s,
             self.lost_upstream - before.lost_upstream,
         )
 
@@ -184,6 +201,7 @@ class AdaptiveSampler(Stage):
         self._bucket = self._new_bucket(now=0.0)
         self._flows = _Flows()
         self._last_change: RateChange | None = None
+        self._gate_rate = self.policy.gate_rate
 
     def _new_bucket(self, *, now: float) -> RateCapBucket | None:
         cap = self.config.cap_per_s
@@ -208,7 +226,7 @@ class AdaptiveSampler(Stage):
         and on every change of N. Call before or while the pipeline runs; the runtime
         attaches the gate of every source upstream of this stage."""
         self.gates.append(gate)
-        self._push_to(gate, self.policy.rate)
+        self._push_to(gate, self._gate_rate)
 
     def reconfigure(self, config: AdaptiveSamplerConfig) -> None:
         """Take new bounds and knobs while running (a config reload): the policy uses them
@@ -229,11 +247,13 @@ class AdaptiveSampler(Stage):
         if rate != policy.rate:
             log.info("sampling rate %d -> %d (new bounds)", policy.rate, rate, extra={"stage": self.ctx.name})
             policy.rate = rate
-            self._push(rate)
+            self._sync_gates()
 
     def statistics(self) -> SamplerStatistics:
         return SamplerStatistics(
             sample_rate=self.policy.rate,
+            exact_rate=self.policy.exact_rate,
+            gate_rate=self._gate_rate,
             rate_changes=self.policy.changes,
             gate_attached=bool(self.gates),
             user_sampled_out_events=self._sampled_out,
@@ -253,8 +273,10 @@ class AdaptiveSampler(Stage):
         now = trio.current_time()
         policy = self.policy = SamplingPolicy(self.config, now=now)
         self._bucket = self._new_bucket(now=now)
-        self._push(policy.rate)
+        self._gate_rate = policy.gate_rate
+        self._push(self._gate_rate)
         self._flows = self._read_flows(tx)
+        last_arrival = now  # the first batch holds what came since the start
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._adjust_loop, tx)
             task_status.started()
@@ -263,8 +285,13 @@ class AdaptiveSampler(Stage):
                     await tx.send(batch)
                     continue
                 lag_s = (time.monotonic_ns() - batch.read_time_ns) / 1e9
-                policy.observe(fill=tx.fill, lag_s=lag_s, weighted_events=batch.weight_sum)
-                out = self.sample(batch, trio.current_time())
+                # The batch holds what its source gathered since the batch before it.
+                now = trio.current_time()
+                span_s, last_arrival = now - last_arrival, now
+                policy.observe(
+                    fill=tx.fill, lag_s=lag_s, weighted_events=batch.weight_sum, weighted_span_s=span_s
+                )
+                out = self.sample(batch, now)
                 if out is not None:
                     await tx.send(out)
             nursery.cancel_scope.cancel()
@@ -278,9 +305,9 @@ class AdaptiveSampler(Stage):
         return self._cap_rate(out, now)
 
     def _sample_rate(self, batch: Batch) -> Batch | None:
-        n = self.policy.rate
+        n = self.policy.exact_rate
         weights = batch.weights
-        if n == 1 or len(batch) == 0 or weights.min() >= n:
+        if n <= 1 or len(batch) == 0 or weights.min() >= n:
             return batch
         keep = self._rng.random(len(batch)) * n < weights
         kept = int(np.count_nonzero(keep))
@@ -339,17 +366,21 @@ class AdaptiveSampler(Stage):
         while True:
             await trio.sleep_until(policy.due_at)
             flows = self._read_flows(tx)
+            before_take = self._flows.last_take_s
             period, self._flows = flows - self._flows, flows
             policy.observe(
                 fill=tx.fill,
                 sent_events=period.sent_events,
                 consumed_events=period.consumed_events,
                 consumed_batches=period.consumed_batches,
+                completed_events=period.completed_events,
+                completed_span_s=period.last_take_s if before_take > 0 else 0.0,
                 lost_upstream=period.lost_upstream,
             )
             change = policy.tick(trio.current_time())
             if change is not None:
                 self._changed(change)
+            self._sync_gates()
 
     def _changed(self, change: RateChange) -> None:
         self._last_change = change
@@ -366,7 +397,13 @@ class AdaptiveSampler(Stage):
                 "capacity_per_s": None if change.capacity_per_s is None else round(change.capacity_per_s),
             },
         )
-        self._push(change.new_rate)
+
+    def _sync_gates(self) -> None:
+        """Push the policy's gate rate if it moved (N, or the fraction of it the kernel takes)."""
+        rate = self.policy.gate_rate
+        if rate != self._gate_rate:
+            self._gate_rate = rate
+            self._push(rate)
 
     def _push(self, rate: int) -> None:
         for gate in self.gates:

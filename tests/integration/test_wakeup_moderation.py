@@ -178,3 +178,33 @@ async def test_watermark_zero_wakes_the_reader_for_every_event() -> None:
     assert stats.wakeup_threshold_bytes == 0
     assert stats.wakeups >= events / 2  # (a few may land while it is busy sending)
     assert_balanced(pipe, reader, events)
+
+
+async def test_while_the_gate_samples_the_reader_wakes_at_the_sampling_watermark() -> None:
+    ring = 1 << 16
+    pipe = loadgen_pipeline(max_batch_delay_ms=20.0, wakeup_watermark=0.5, sampling_wakeup_watermark=0.125)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader) and isinstance(reader.program, LoadgenProgram)
+        wakeup = reader.program.ring_wakeup
+        assert wakeup is not None and wakeup.threshold_bytes == ring // 2
+        reader.program.set_sample_rate(4)  # as the sampler does when it sheds load
+        # 400 events, about 100 kept; the next read after the change takes the sampling watermark.
+        reader.program.configure_loadgen(os.getpid(), 4)
+        for _ in range(100):
+            os.getppid()
+        with trio.fail_after(10):
+            while wakeup.threshold_bytes != ring // 8:
+                await trio.sleep(0.005)
+        assert reader.statistics().wakeup_threshold_bytes == ring // 8
+        reader.program.set_sample_rate(1)
+        with trio.fail_after(10):
+            while wakeup.threshold_bytes != ring // 2:
+                await trio.sleep(0.005)
+        assert reader.statistics().wakeup_threshold_bytes == ring // 2
+        pipe.stop()
+    kernel = reader.statistics().kernel
+    assert kernel.events == 400 == kernel.emitted + kernel.sampled_out and kernel.sampled_out > 0
+    snap = pipe.ledger.snapshot()
+    assert snap.pending == 0 and snap.total(Outcome.DELIVERED) == kernel.emitted

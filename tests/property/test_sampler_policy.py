@@ -94,6 +94,7 @@ class Sim:
         self.now = 1000.0
         self.policy = SamplingPolicy(p, now=self.now)
         self.rates = [self.policy.rate]
+        self.exact_rates = [self.policy.exact_rate]
         self.reports: list[RateChange] = []
 
     def run(self, step: Step) -> int:
@@ -114,6 +115,7 @@ class Sim:
         if change is not None:
             self.reports.append(change)
         self.rates.append(self.policy.rate)
+        self.exact_rates.append(self.policy.exact_rate)
         return self.policy.rate
 
 
@@ -129,6 +131,11 @@ def test_rate_stays_within_bounds(p: SamplingParams, inputs: list[Step]) -> None
         rate = sim.run(step)
         assert isinstance(rate, int)
         assert p.min_sample_rate <= rate <= p.max_sample_rate
+        # The exact rate sampled at is N, or a fraction below it: never more than a step.
+        assert rate - 1 < sim.policy.exact_rate <= rate
+        assert sim.policy.gate_rate == math.floor(sim.policy.exact_rate) >= 1
+        if sim.policy.capacity_per_s is None and not p.cap_per_s:  # no limit: AIMD's whole N
+            assert sim.policy.exact_rate == rate
 
 
 @given(params(), st.lists(steps | flow_steps, max_size=20), flow_steps)
@@ -281,6 +288,10 @@ def test_converges_to_the_cap_within_two_periods(
         assert delivered >= h * cap * r2 / (r2 + h * cap) * (1 - 1e-9)
         if r2 <= h * cap:
             assert n == 1
+        # The exact rate sends more than whole N, and still no more than the cap.
+        exact = sim.policy.exact_rate
+        assert n - 1 < exact <= n
+        assert delivered * (1 - 1e-9) <= r2 / exact <= cap * (1 + 1e-9)
 
 
 def test_cap_convergence_number_at_defaults() -> None:
@@ -290,6 +301,8 @@ def test_cap_convergence_number_at_defaults() -> None:
         sim.run(Step(0.0, 0.0, r))
         n = sim.run(Step(0.0, 0.0, r))
         assert 0.81 * 10_000 <= r / n <= 10_000
+        # The exact rate: 0.95 x C where N allows it (at 100 000/s, 1 in 10 sends C itself).
+        assert 0.95 * 10_000 * (1 - 1e-9) <= r / sim.policy.exact_rate <= 10_000
 
 
 def test_cap_hysteresis_stops_flapping_near_a_boundary() -> None:
@@ -389,7 +402,7 @@ class Downstream:
 
     def period(self, sim: Sim) -> int:
         policy = sim.policy
-        n = policy.rate
+        n = policy.exact_rate  # what the sampler samples at
         dt = sim.p.adjust_period_s / self.STEPS
         for _ in range(self.STEPS):
             want = self.offered_per_s / n * dt
@@ -411,6 +424,7 @@ class Downstream:
         if change is not None:
             sim.reports.append(change)
         sim.rates.append(policy.rate)
+        sim.exact_rates.append(policy.exact_rate)
         return policy.rate
 
 
@@ -473,6 +487,16 @@ def settled_at(rates: list[int], lo: int, hi: int, hold: int) -> int | None:
 
 
 @given(settings_)
+@example(  # Whole N at 10.5 x C: 1 in 12 would deliver 0.875 x C; the exact rate, 0.95 x C
+    Setting(
+        capacity_per_s=1000.0,
+        ratio=10.5,
+        room_periods=1.0,
+        batch_periods=0.05,
+        reports_losses=True,
+        pressure_first=0,
+    )
+)
 @example(  # AIMD doubled past the band while a blocked source hid r, then held N until relief
     Setting(
         capacity_per_s=100.0,
@@ -492,6 +516,12 @@ def test_converges_to_a_learned_capacity_and_stays(s: Setting) -> None:
     at = settled_at(rates, lo, hi, p.capacity_hold_periods)
     # Settles within 20 periods, in the band, and does not move for the whole hold.
     assert at is not None and at < SETTLE_PERIODS, (lo, hi, rates[:40])
+    # And at the exact rate it delivers 0.9 to 1 x C over that hold (h' x C, the aim, where
+    # whole N could deliver as little as 0.81 x C).
+    offered = s.ratio * s.capacity_per_s
+    held = sim.exact_rates[len(sim.exact_rates) - len(rates) + at :][: p.capacity_hold_periods]
+    delivered = [offered / x for x in held]
+    assert all(0.9 * s.capacity_per_s <= d <= s.capacity_per_s * (1 + 1e-9) for d in delivered), delivered
     # From then on, probes for more capacity send at most 10 % more than the consumer takes.
     floor = math.floor(s.ratio / PROBE_OVERSHOOT)
     assert all(floor <= n <= hi for n in rates[at:]), (floor, hi, rates)
@@ -534,6 +564,33 @@ def test_finding_twice_the_capacity_takes_at_most_98_s_at_defaults() -> None:
     p = SamplingParams()
     periods = MAX_HOLD_FACTOR * p.capacity_hold_periods + math.ceil(math.log(2) / math.log(1.02))
     assert periods * p.adjust_period_s == 98.0
+
+
+@given(
+    rate=st.floats(min_value=1e3, max_value=1e7),
+    batches_per_period=st.floats(min_value=1.5, max_value=30),
+    phase=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_the_input_rate_counts_whole_batches_over_the_time_they_gathered(
+    rate: float, batches_per_period: float, phase: float
+) -> None:
+    # A source read every T seconds (not a divisor of the period): each period catches a
+    # varying whole number of batches, but each batch spans the T it gathered over.
+    p = SamplingParams()
+    policy = SamplingPolicy(p, now=0.0)
+    gap = p.adjust_period_s / batches_per_period
+    arrivals = (phase + np.arange(int(40 * batches_per_period))) * gap
+    last = 0.0
+    seen = []
+    for t in arrivals.tolist():
+        while t >= policy.due_at:
+            policy.tick(policy.due_at)
+            seen.append(policy.input_per_s)
+        policy.observe(fill=0.0, lag_s=0.0, weighted_events=rate * (t - last), weighted_span_s=t - last)
+        last = t
+    assert len(seen) >= 30
+    # Every period reads the rate exactly (without spans: off by up to a batch either way).
+    assert seen == pytest.approx([rate] * len(seen), rel=1e-9)
 
 
 def test_the_input_rate_counts_what_the_source_lost() -> None:

@@ -211,17 +211,20 @@ async def test_backpressure_raises_the_rate_and_each_change_is_logged_and_pushed
     assert ledger.total(Outcome.DELIVERED) + ledger.total(Outcome.USER_SAMPLED_OUT) == 200_000
     assert stats.user_sampled_out_events == ledger.total(Outcome.USER_SAMPLED_OUT) > 100_000
     assert stats.rate_changes >= 3
-    # Logged once per change, and the gate saw the start rate then every change, once.
+    # Logged once per change of N; the gate saw the start rate, then each change of its
+    # rate (the whole part of the exact rate) once.
     changes = [r for r in sampler_log if r.getMessage().startswith("sampling rate")]
     assert len(changes) == stats.rate_changes
     assert gate.rates[0] == 1
-    assert len(gate.rates) == 2 + stats.rate_changes  # attach_gate, run() start, each change
     assert all(a != b for a, b in zip(gate.rates[1:], gate.rates[2:], strict=False))
-    assert gate.rates[-1] == stats.sample_rate
-    # It needs 1 in 10. The sink's measured capacity C holds N in [10 000 / C, 10 000 /
-    # (0.9 x C)] for the rest of the 20 s (AIMD alone went back and forth: 8, 16, 8, ...).
-    assert stats.capacity_per_s == pytest.approx(1000, rel=0.12)
+    assert gate.rates[-1] == stats.gate_rate == math.floor(stats.exact_rate)
+    # It needs 1 in 10. The sink's capacity C, measured between its takes (no partial
+    # batch), holds N in [10 000 / C, 10 000 / (0.9 x C)] for the rest of the 20 s (AIMD
+    # alone went back and forth: 8, 16, 8, ...), and the exact rate sends 0.95 x C.
+    assert stats.capacity_per_s == pytest.approx(1000, rel=0.01)
     assert fits(10_000, stats.capacity_per_s, stats.sample_rate)
+    assert stats.exact_rate == pytest.approx(10_000 / (0.95 * stats.capacity_per_s))
+    assert stats.sample_rate - 1 < stats.exact_rate < stats.sample_rate
     assert stats.rate_changes <= 8
     # Sampled, but the weights still tell the true volume.
     assert ledger.total_weight(Outcome.DELIVERED) == pytest.approx(200_000, rel=0.1)
@@ -251,9 +254,9 @@ async def test_what_the_source_loses_counts_as_offered_and_n_goes_straight_to_wh
     ledger = pipe.statistics().ledger
     assert ledger.pending == 0
     assert ledger.total(Outcome.DRAINED) > 0
-    # Measured over a few 100-event batches, so to within about 10 %.
-    assert stats.capacity_per_s == pytest.approx(1000, rel=0.12)
-    assert gate.rates[-1] == stats.sample_rate
+    # Measured between the sink's takes of 100-event batches: no partial batch counted.
+    assert stats.capacity_per_s == pytest.approx(1000, rel=0.01)
+    assert gate.rates[-1] == stats.gate_rate == math.floor(stats.exact_rate)
     assert fits(10_000, stats.capacity_per_s, stats.sample_rate)
     assert max(gate.rates) <= math.ceil(10_000 / (0.9 * stats.capacity_per_s)) + 1  # no overshoot
     assert stats.rate_changes <= 4
