@@ -8,6 +8,13 @@ queue bounded in bytes. The trio side never calls ``write(2)``:
   stalled reader of stdout is therefore ordinary back-pressure on the sink, and
   signals and cancellation keep working: a cancelled caller returns at once while
   the thread may stay blocked in ``write(2)`` (it is a daemon thread).
+* Except a small append to a regular file we opened, while the thread is idle:
+  that ``write(2)`` lands in the page cache in microseconds, and the thread's hop
+  cost a wake-up of the event loop when it finished — measured 2026-12-03, the
+  jsonl sink at 1 k events/s into a file (ten 100-event batches a second): 21.5-22
+  against 17-19.5 ms of CPU a second. So it is written inline, timed: the first
+  that takes longer than ``inline_slow_s`` (the kernel throttling a writer that
+  outruns the disk) sends this output back to its thread for good.
 * ``out.write_nowait(data)`` is for lossy outputs (logs): it queues if there is
   room and otherwise returns False without waiting.
 
@@ -119,6 +126,8 @@ class LineOutput:
         self._closed_error: OSError | None = None
         self._thread: threading.Thread | None = None
         self._exited = threading.Event()
+        self._inline = self._regular
+        """Write small units inline while the thread is idle (regular files we opened)."""
 
     @classmethod
     def open(
@@ -156,6 +165,11 @@ class LineOutput:
         out._origin_fd = fd
         return out
 
+    inline_max_bytes = 64 * 1024
+    """Largest write done inline (see the module docstring)."""
+    inline_slow_s = 0.002
+    """An inline write slower than this ends inline writing for this output."""
+
     spin_s = 0.02
     """Under an autojumping ``MockClock`` only (tests): how long ``write`` keeps the loop
     running (yielding) before it sleeps until the thread is done. Such a clock takes a
@@ -176,6 +190,11 @@ class LineOutput:
         Raises ``SinkClosed`` if the output is gone, ``OSError`` for other failures;
         either way nothing of this unit is left in a regular file."""
         nbytes = sum(len(c) for c in chunks)
+        if self._inline and nbytes <= self.inline_max_bytes:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._write_inline(chunks):
+                await trio.lowlevel.cancel_shielded_checkpoint()  # written: no Cancelled now
+                return
         token = trio.lowlevel.current_trio_token()
         while True:
             room = trio.Event()
@@ -226,6 +245,37 @@ class LineOutput:
                 with trio.move_on_after(timeout_s):
                     await trio.to_thread.run_sync(self._exited.wait, abandon_on_cancel=True)
 
+    def _write_inline(self, chunks: Sequence[bytes]) -> bool:
+        """Write ``chunks`` now if the thread has nothing queued or in hand; False if it
+        has (the caller queues them behind, keeping the order). Raises as ``write``."""
+        with self._cond:
+            self._raise_if_closed()
+            if self._queue or self._busy:
+                return False
+            self._busy = True  # the thread, and other callers, wait for us
+        started = time.monotonic()
+        error: OSError | None = None
+        try:
+            self._write_all(chunks)
+        except OSError as exc:
+            error = exc
+        finally:
+            took = time.monotonic() - started
+            with self._cond:
+                self._busy = False
+                if error is not None and error.errno in CLOSED_ERRNOS:
+                    self._closed_error = error
+                if self._closing and self._thread is None:  # closed meanwhile (another thread)
+                    self._close_fd()
+                self._wake_waiters()
+                self._cond.notify_all()
+        if took > self.inline_slow_s:
+            self._inline = False
+            _log.debug("%s: a write took %.1f ms, writing from a thread from now on", self.name, took * 1000)
+        if error is not None:
+            raise _as_closed(self.name, error) from error
+        return True
+
     # -- any thread -----------------------------------------------------------------
     def write_nowait(self, data: bytes) -> bool:
         """Queue ``data`` if there is room; False (nothing queued) if not, or if the
@@ -244,7 +294,7 @@ class LineOutput:
     def close_nowait(self) -> None:
         with self._cond:
             self._closing = True
-            if self._thread is None:
+            if self._thread is None and not self._busy:  # busy: an inline write closes it after
                 self._close_fd()
             self._cond.notify_all()
 

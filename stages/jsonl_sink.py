@@ -39,7 +39,8 @@ Batches are encoded in slices of ``SLICE_EVENTS`` with a checkpoint between slic
 so a huge batch does not hold the event loop.
 
 Writing never blocks the loop either: a :class:`pipeline.output.LineOutput` thread
-does the ``write(2)``; ``write`` waits for it, so a stalled reader of stdout is
+does the ``write(2)`` (a small append to a file is written inline while it stays
+quick: see there); ``write`` waits for it, so a stalled reader of stdout is
 back-pressure, and signals still work. A batch is written whole or not at all (a
 file that fills up is truncated back to its last whole line), so delivered events
 are exactly the lines in the file. An output that is gone (EPIPE, ENOSPC, EIO)

@@ -326,6 +326,42 @@ async def test_a_short_write_is_truncated_to_the_last_whole_line(
     assert outcomes(pipe) == {("delivered", ""): 20, ("stage_dropped", "output closed"): 30}
 
 
+def output_threads(path: Path) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"bpfpipe-output {path}"]
+
+
+async def test_small_appends_to_a_file_are_written_inline_until_one_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.jsonl"
+    out = LineOutput.open(str(path))
+    try:
+        for i in range(3):
+            await out.write([b'{"n":%d}\n' % i])
+        assert path.read_bytes() == b'{"n":0}\n{"n":1}\n{"n":2}\n'  # written before write returned
+        assert not output_threads(path)  # no thread, so no wake-up of the loop when it is done
+        big = b"x" * out.inline_max_bytes + b"\n"
+        await out.write([big])  # too big to write inline: the thread takes it
+        assert len(output_threads(path)) == 1 and path.read_bytes().endswith(big)
+
+        # The thread is idle again: small writes are inline, until one is slower than allowed.
+        real_write = os.write
+        calls: list[str] = []
+
+        def slow_write(fd: int, data: bytes | memoryview) -> int:
+            calls.append(threading.current_thread().name)
+            time.sleep(2 * out.inline_slow_s)
+            return real_write(fd, data)
+
+        monkeypatch.setattr(pipeline.output.os, "write", slow_write)
+        await out.write([b'{"n":3}\n'])
+        await out.write([b'{"n":4}\n'])
+        assert calls == [threading.current_thread().name, f"bpfpipe-output {path}"]
+        assert path.read_bytes().endswith(b'{"n":3}\n{"n":4}\n')
+    finally:
+        await out.aclose()
+
+
 async def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"value":1}\n{"val')
