@@ -39,7 +39,7 @@ Batches are encoded in slices of ``SLICE_EVENTS`` with a checkpoint between slic
 so a huge batch does not hold the event loop.
 
 Writing never blocks the loop either: a :class:`pipeline.output.LineOutput` thread
-does the ``write(2)`` (a small append to a file is written inline while it stays
+does the ``write(2)`` (an append of up to 1 MiB to a file is written inline while it stays
 quick: see there); ``write`` waits for it, so a stalled reader of stdout is
 back-pressure, and signals still work. A batch is written whole or not at all (a
 file that fills up is truncated back to its last whole line), so delivered events
