@@ -1,7 +1,8 @@
 """Off-loop output: whole lines appended to a file or an inherited fd (stdout, stderr).
 
 Theory of operation. A :class:`LineOutput` owns one daemon writer thread and a
-queue bounded in bytes. The trio side never calls ``write(2)``:
+queue bounded in bytes. The trio side calls ``write(2)`` only for the quick appends
+to a file of the second point below:
 
 * ``await out.write(chunks)`` waits (trio-side, cancellable) for room in the queue,
   hands the chunks to the thread and waits until they are written or failed. A
