@@ -131,6 +131,8 @@ class LineOutput:
         self._thread: threading.Thread | None = None
         self._exited = threading.Event()
         self._inline = self._regular
+        self._cache_mark = self.size_bytes
+        """The file's size when the page cache was last let go of (up to the mark before)."""
         """Write small units inline while the thread is idle (regular files we opened)."""
 
     @classmethod
@@ -172,6 +174,15 @@ class LineOutput:
     inline_max_bytes = 1 << 20
     """Largest write done inline (see the module docstring): about 0.8 ms of copying here."""
     inline_slow_s = 0.005
+
+    cache_window_bytes = 64 << 20
+    """Appended bytes kept in the page cache: each time this much more is written, the file
+    up to where it was the time before is dropped from it (``posix_fadvise(DONTNEED)``,
+    as ``dd oflag=nocache``; what is still dirty is written back first). An agent's
+    output is read once, later, by someone else; kept, it grew the page cache by the
+    output rate (charged to the agent's memory cgroup), and growing it was the largest
+    cost of writing: measured 2026-12-03 on this VM, appending fresh 600 KiB buffers
+    to ext4 cost 1.59 ns of system time per byte, 0.33 with a 64 MiB window."""
     """An inline write slower than this ends inline writing for this output."""
 
     spin_s = 0.02
@@ -390,6 +401,16 @@ class LineOutput:
         self._needs_newline = False
         if self._regular:
             self.size_bytes = start + written
+            if self.size_bytes - self._cache_mark >= self.cache_window_bytes:
+                self._let_go_of_cache()
+
+    def _let_go_of_cache(self) -> None:
+        """Drop from the page cache the file up to the last mark: the kernel writes back
+        what is still dirty there and drops what is clean (a page still being written
+        stays, and goes the next time), so nothing is lost, only uncached."""
+        with contextlib.suppress(OSError, AttributeError):  # not Linux, or a file system without it
+            os.posix_fadvise(self._fd, 0, self._cache_mark, os.POSIX_FADV_DONTNEED)
+        self._cache_mark = self.size_bytes
 
 
 def _autojumping() -> bool:

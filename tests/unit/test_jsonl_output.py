@@ -362,6 +362,37 @@ async def test_small_appends_to_a_file_are_written_inline_until_one_is_slow(
         await out.aclose()
 
 
+@pytest.mark.parametrize("inline", [True, False])
+async def test_the_page_cache_keeps_only_the_newest_window_of_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
+) -> None:
+    dropped: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(pipeline.output.os, "posix_fadvise", fadvise)
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b"old\n")
+    out = LineOutput.open(str(path))
+    out.cache_window_bytes = 10_000
+    if not inline:
+        out.inline_max_bytes = 0
+    line = b"y" * 2999 + b"\n"
+    try:
+        for _ in range(10):
+            await out.write([line])
+    finally:
+        await out.aclose()
+    # Every 10 000 bytes more, the file up to where it stood the time before is let go of:
+    # at 12 004 bytes up to 4 (where it started), at 24 004 up to 12 004; at 30 004 not yet.
+    assert dropped == [(0, 4), (0, 12_004)]
+    assert path.read_bytes() == b"old\n" + line * 10  # uncached, not lost
+
+
 async def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"value":1}\n{"val')
