@@ -90,6 +90,8 @@ class _Job:
     notify: Callable[[], None] | None = None
     error: OSError | None = None
     done: bool = False
+    drop_cache_to: int = -1
+    """Not a write: let go of the page cache of the file up to here (see ``cache_window_bytes``)."""
 
 
 @dataclass(eq=False)
@@ -342,14 +344,17 @@ class LineOutput:
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._queue or self._closing)
+                    # Not while an inline write is in hand (``_busy`` set by the trio side).
+                    self._cond.wait_for(lambda: (self._queue and not self._busy) or self._closing)
                     if not self._queue:
                         self._close_fd()
                         return
                     job = self._queue.popleft()
                     self._busy = True
                     failed = self._closed_error
-                if failed is None:
+                if job.drop_cache_to >= 0:
+                    self._drop_cache(job.drop_cache_to)
+                elif failed is None:
                     try:
                         self._write_all(job.chunks)
                     except OSError as exc:
@@ -402,15 +407,19 @@ class LineOutput:
         if self._regular:
             self.size_bytes = start + written
             if self.size_bytes - self._cache_mark >= self.cache_window_bytes:
-                self._let_go_of_cache()
+                mark, self._cache_mark = self._cache_mark, self.size_bytes
+                if threading.current_thread() is self._thread:
+                    self._drop_cache(mark)
+                else:  # an inline write: the thread does it (it starts writeback: not on the loop)
+                    with self._cond:
+                        self._put(_Job((), 0, drop_cache_to=mark))
 
-    def _let_go_of_cache(self) -> None:
-        """Drop from the page cache the file up to the last mark: the kernel writes back
-        what is still dirty there and drops what is clean (a page still being written
-        stays, and goes the next time), so nothing is lost, only uncached."""
+    def _drop_cache(self, end: int) -> None:
+        """Drop the file up to ``end`` from the page cache: the kernel writes back what is
+        still dirty there and drops what is clean (a page still being written stays, and
+        goes the next time), so nothing is lost, only uncached."""
         with contextlib.suppress(OSError, AttributeError):  # not Linux, or a file system without it
-            os.posix_fadvise(self._fd, 0, self._cache_mark, os.POSIX_FADV_DONTNEED)
-        self._cache_mark = self.size_bytes
+            os.posix_fadvise(self._fd, 0, end, os.POSIX_FADV_DONTNEED)
 
 
 def _autojumping() -> bool:
