@@ -208,3 +208,32 @@ async def test_while_the_gate_samples_the_reader_wakes_at_the_sampling_watermark
     assert kernel.events == 400 == kernel.emitted + kernel.sampled_out and kernel.sampled_out > 0
     snap = pipe.ledger.snapshot()
     assert snap.pending == 0 and snap.total(Outcome.DELIVERED) == kernel.emitted
+
+
+async def test_a_wake_up_is_read_at_once_even_below_the_threshold() -> None:
+    # The kernel counts bytes since the reader's last reset, and that count includes records
+    # the last read took (they arrived between the reset and the read), so it can cross the
+    # threshold while the ring holds less. It then wakes the reader once and no more until
+    # the next reset: a reader that lingered until its budget lost events at 100 k/s.
+    pipe = loadgen_pipeline(max_batch_delay_ms=30_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader) and isinstance(reader.program, LoadgenProgram)
+        wakeup = reader.program.ring_wakeup
+        assert wakeup is not None and wakeup.threshold_bytes == (1 << 16) // 2
+        reader.program.configure_loadgen(os.getpid(), 1)
+        for _ in range(100):  # 4,000 bytes: far below the threshold, so they wait
+            os.getppid()
+        await trio.sleep(0.05)
+        assert pipe.ledger.snapshot().total(Outcome.DELIVERED) == 0
+        # That state, made directly: the count one record short of the threshold.
+        wakeup._view()[wakeup._pending] = wakeup.threshold_bytes - RECORD_BYTES
+        os.getppid()  # crosses it: the kernel wakes the reader, 4,040 bytes in the ring
+        with trio.fail_after(5):
+            while pipe.ledger.snapshot().total(Outcome.DELIVERED) < 101:
+                await trio.sleep(0.005)
+        stats = reader.statistics()
+        pipe.stop()
+    assert stats.wakeups >= 1
+    assert_balanced(pipe, reader, 101)

@@ -26,7 +26,7 @@ def read_at(pending: int, threshold: int, *, now: float = 10.02, last_read: floa
 
 def test_below_the_threshold_waits_until_the_budget_after_the_last_read():
     assert read_at(0, 4096) == pytest.approx(10.05)
-    assert read_at(100, 4096) == pytest.approx(10.05)  # a wake-up below the threshold lingers
+    assert read_at(100, 4096) == pytest.approx(10.05)  # (a kernel wake-up is read at once: the reader)
 
 
 def test_at_or_past_the_threshold_reads_at_once():
