@@ -160,9 +160,10 @@ def next_read_at(
     * otherwise the last multiple of ``max_batch_delay_s`` on trio's clock by
       ``last_read + max_batch_delay_s``: nothing that arrived since the last read
       waits longer than the budget. (A wake-up from the kernel is read at once,
-      whatever this says: see the module docstring.) An empty ring waits the same way: the kernel wakes the reader if the
-      threshold is crossed meanwhile. On the grid, because the agent's other
-      periodic work ticks on it too (``pipeline.ticks``): one wake-up serves all.
+      whatever this says: see the module docstring.) An empty ring waits the same
+      way: the kernel wakes the reader if the threshold is crossed meanwhile. On the
+      grid, because the agent's other periodic work ticks on it too
+      (``pipeline.ticks``): one wake-up serves all.
     """
     if threshold_bytes <= 0:
         return now if pending_bytes > 0 else math.inf
