@@ -337,9 +337,10 @@ class SamplingPolicy:
 
     @property
     def exact_rate(self) -> float:
-        """The rate to sample at: ``N`` itself, except where the learned capacity sets ``N``;
-        there the exact ``r / (h'·C_L)`` of the last adjustment, in ``(N - 1, N]`` (see
-        "Fractional rates" in the module docstring)."""
+        """The rate to sample at: ``N`` itself, except where a limit sets ``N`` (the cap ``C``
+        or the learned capacity ``C_L``); there the exact ``r / (h'·C)`` or ``r / (h'·C_L)``
+        of the last adjustment, in ``(N - 1, N]`` (see "Fractional rates" in the module
+        docstring)."""
         return self._exact if self.rate - 1 < self._exact <= self.rate else float(self.rate)
 
     @property

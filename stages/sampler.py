@@ -36,8 +36,8 @@ Where the sampling happens (the kernel gate rule)
 -------------------------------------------------
 The rate ``N`` is the *total* reduction wanted, relative to what the kernel saw;
 the stage samples at the policy's ``exact_rate`` ``x`` — ``N`` itself, or a
-fraction below it where the learned capacity sets ``N`` (``pipeline.sampling``,
-"Fractional rates"). An event's weight ``w`` says how much of that the kernel's gate
+fraction below it where a limit (the cap, the learned capacity) sets ``N``
+(``pipeline.sampling``, "Fractional rates"). An event's weight ``w`` says how much of that the kernel's gate
 already did (sources stamp the gate's rate at emission into ``batch.weights``). The
 sampler takes only the remainder, per event: keep with probability ``min(1, w/x)``
 and set the weight of a kept event to ``max(w, x)``, i.e. ``w * max(1, x/w)``. So:
@@ -123,8 +123,8 @@ class SamplerStatistics:
     sample_rate: int
     """The current N (keep 1 in N)."""
     exact_rate: float
-    """The rate sampled at, in ``(N - 1, N]``: ``N`` except where the learned capacity sets it
-    (``pipeline.sampling``, "Fractional rates")."""
+    """The rate sampled at, in ``(N - 1, N]``: ``N`` except where a limit (the cap, the learned
+    capacity) sets it (``pipeline.sampling``, "Fractional rates")."""
     gate_rate: int
     """The rate pushed to the kernel gates: ``⌊exact_rate⌋``; user space takes the rest."""
     rate_changes: int
