@@ -345,7 +345,7 @@ class LineOutput:
             while True:
                 with self._cond:
                     # Not while an inline write is in hand (``_busy`` set by the trio side).
-                    self._cond.wait_for(lambda: (self._queue and not self._busy) or self._closing)
+                    self._cond.wait_for(lambda: bool(self._queue or self._closing) and not self._busy)
                     if not self._queue:
                         self._close_fd()
                         return
