@@ -41,7 +41,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Slot", "encode_lines", "slots_for"]
+__all__ = ["Slot", "encode_lines", "second_prefixes", "slots_for", "valid_ts_range"]
 
 _INT64_MAX = (1 << 63) - 1
 _NS_PER_S = 1_000_000_000
@@ -54,7 +54,8 @@ _SMALL = np.array([b"%d" % i for i in range(10**4)], dtype="S4").view("V4")
 _SMALL_LENGTHS = np.array([len(b"%d" % i) for i in range(10**4)], dtype=np.intp)
 _POW10 = np.array([10**k for k in range(1, 20)], dtype=np.uint64)
 _PREFIX_RANGE = 64
-"""Up to this many distinct seconds, their date prefixes are formatted as a range."""
+"""Up to this many distinct seconds, their date prefixes are formatted as a range (no sort);
+beyond it (a garbage ``ts_ns``), via ``np.unique``."""
 _BOOLS = np.array([b"false", b"true"], dtype="S5").view("V5")
 _TIME_WIDTH = len(b'"2026-12-02T18:20:00.123456789Z"')
 _NULL_TIME = np.frombuffer(b"null".ljust(_TIME_WIDTH, b"\0"), dtype=f"V{_TIME_WIDTH}")[0]
@@ -374,12 +375,32 @@ def _float(layout: _Layout, column: npt.NDArray[Any]) -> bool:
     return True
 
 
+def valid_ts_range(dtype: np.dtype[Any], offset_ns: int) -> tuple[int, int]:
+    """The ``ts_ns`` values of this integer dtype whose ``ts_ns + offset_ns`` is a time,
+    i.e. in ``[0, 2**63)`` (empty when low > high)."""
+    info = np.iinfo(dtype)
+    return max(-offset_ns, int(info.min)), min(_INT64_MAX - offset_ns, int(info.max))
+
+
+def second_prefixes(
+    seconds: npt.NDArray[np.int64], first: int, last: int
+) -> tuple[npt.NDArray[np.str_], npt.NDArray[Any]]:
+    """``YYYY-MM-DDTHH:MM:SS`` of each distinct second in ``seconds`` (between ``first``
+    and ``last``), and which of them each element is."""
+    if last - first < _PREFIX_RANGE:
+        stamps = np.arange(first, last + 1, dtype=np.int64)
+        which: npt.NDArray[Any] = seconds - first
+    else:
+        stamps, which = np.unique(seconds, return_inverse=True)
+    prefixes: npt.NDArray[np.str_] = np.datetime_as_string(stamps.view("M8[s]"), unit="s")
+    return prefixes, which
+
+
 def _time(
     layout: _Layout, ts_ns: npt.NDArray[Any], offset_ns: int, bounds: dict[str, tuple[int, int]]
 ) -> None:
     """``"<RFC 3339, ns>Z"`` from ``ts_ns + offset_ns``, ``null`` outside ``[0, 2**63)``."""
-    info = np.iinfo(ts_ns.dtype)
-    valid_low, valid_high = max(-offset_ns, int(info.min)), min(_INT64_MAX - offset_ns, int(info.max))
+    valid_low, valid_high = valid_ts_range(ts_ns.dtype, offset_ns)
     low, high = _bounds(ts_ns, "ts_ns", bounds)
     if low > valid_high or high < valid_low:
         layout.text(b"null")
@@ -409,13 +430,8 @@ def _times(segment: _Segment, wall: npt.NDArray[np.int64], low: int, high: int) 
     else:
         seconds = wall // _NS_PER_S
         fraction = wall - seconds * _NS_PER_S
-        if last - first < _PREFIX_RANGE:
-            stamps = np.arange(first, last + 1, dtype=np.int64)
-            which = seconds - first
-        else:
-            stamps, which = np.unique(seconds, return_inverse=True)
-        prefixes = np.datetime_as_string(stamps.view("M8[s]"), unit="s").astype("S19")
-        segment.texts.append((segment.size, prefixes, which))
+        prefixes, which = second_prefixes(seconds, first, last)
+        segment.texts.append((segment.size, prefixes.astype("S19"), which))
         segment.text(b"0" * 19 + b".")
         segment.number(fraction, int(fraction.min()), int(fraction.max()), 9)
     segment.text(b'Z"')

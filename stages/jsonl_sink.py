@@ -65,7 +65,7 @@ import trio
 from pipeline import Batch, BatchSink, ConfigError, LineOutput, StageContext, appendable_problem
 from pipeline import Config as Settings
 
-from ._jsonl_fast import Slot, encode_lines, slots_for
+from ._jsonl_fast import Slot, encode_lines, second_prefixes, slots_for, valid_ts_range
 
 __all__ = [
     "EVENT_KEY",
@@ -97,9 +97,6 @@ TIME_KEY = "time"
 
 _SIMPLE_KINDS = frozenset("biuf")
 _INT64_MAX = (1 << 63) - 1
-_PREFIX_RANGE = 64
-"""Up to this many distinct seconds in a batch, their prefixes are formatted as a
-range (no sort); beyond it (a garbage ``ts_ns``), via ``np.unique``."""
 
 # "YYYY-MM-DDTHH:MM:SS" + ".mmm" + "uuu" + "nnnZ": 30 characters, no padding, so an
 # array of these records is also an array of 30-character strings.
@@ -147,8 +144,7 @@ def _rfc3339_one(wall_ns: int) -> str | None:
 
 def _rfc3339_vectorised(ts_ns: npt.NDArray[Any], offset_ns: int) -> list[str | None]:
     n = len(ts_ns)
-    info = np.iinfo(ts_ns.dtype)
-    low, high = max(-offset_ns, int(info.min)), min(_INT64_MAX - offset_ns, int(info.max))
+    low, high = valid_ts_range(ts_ns.dtype, offset_ns)
     if low > high:
         return [None] * n
     valid = (ts_ns >= low) & (ts_ns <= high)
@@ -158,14 +154,9 @@ def _rfc3339_vectorised(ts_ns: npt.NDArray[Any], offset_ns: int) -> list[str | N
     if not all_valid:
         wall[~valid] = 0
     seconds, fraction = np.divmod(wall, 1_000_000_000)
-    first = int(seconds.min())
-    span = int(seconds.max()) - first
-    if span < _PREFIX_RANGE:
-        stamps = np.arange(first, first + span + 1, dtype=np.int64)
-        which = seconds - first
-    else:
-        stamps, which = np.unique(seconds, return_inverse=True)
-    prefixes = np.datetime_as_string(stamps.view("M8[s]"), unit="s").astype("U19")
+    first, last = int(seconds.min()), int(seconds.max())
+    span = last - first
+    prefixes, which = second_prefixes(seconds, first, last)
     out = np.empty(n, dtype=_TIME_LAYOUT)
     out["seconds"] = prefixes[0] if span == 0 else prefixes[which]
     upper, nanos = np.divmod(fraction.astype(np.uint32), 1000)
