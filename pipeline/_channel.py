@@ -239,6 +239,14 @@ class BatchSender:
         """Both ends' counters of this channel (see :class:`EdgeStatistics`)."""
         return self._edge.statistics()
 
+    def has_room(self, batch: Batch) -> bool:
+        """Whether :meth:`send` would take ``batch`` without waiting: the channel is
+        surely not full and the memory budget admits it (False may be wrong, never True)."""
+        edge = self._edge
+        if edge.depth_bound >= edge.capacity:
+            return False
+        return not self._admits or self._ctx.budget.has_room(len(batch), batch.nbytes)
+
     async def send(self, batch: Batch) -> None:
         n = len(batch)
         if n == 0:

@@ -12,7 +12,7 @@ Accounting
 ----------
 The arithmetic is :class:`pipeline.ring_accounting.RingAccountant`'s (its module
 docstring states the rules); this shell feeds it. It reads the kernel counters
-after consuming the ring, every ``stats_interval_s``. At shutdown
+after consuming the ring (see ``stats_interval_s`` for how often). At shutdown
 (``Pipeline.stop()`` cancels the source) it detaches the program first, so
 nothing new arrives; reads the rest of the ring and sends it on (shielded), or
 records it as ``DRAINED`` if it cannot be sent before ``shutdown_timeout_s``;
@@ -89,6 +89,7 @@ from pipeline import (
     last_tick_by,
     next_tick,
 )
+from pipeline._timerfd import MonotonicTimer
 from pipeline.drain import DrainPolicy
 from pipeline.ring_accounting import KernelCounters, LedgerStep, RingAccountant
 
@@ -173,7 +174,11 @@ def next_read_at(
 
 
 IDLE_STATS_INTERVAL_S = 1.0
-"""How often the reader reads the kernel counters while no record reaches the ring."""
+"""How often the reader reads the kernel counters while they can only have counted
+records already credited: nothing sampled out, nothing lost (see ``LOSS_POSSIBLE_USAGE``)."""
+LOSS_POSSIBLE_USAGE = 0.5
+"""A read that finds the ring at least this full may follow lost reservations: the
+counters are then read every ``stats_interval_s``, to account for them promptly."""
 
 # -- the stage ---------------------------------------------------------------------------
 
@@ -220,7 +225,8 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     sink's share delivered 0.93, 0.92, 0.87 (the extra reads take its CPU)."""
     stats_interval_s: Seconds = 0.1
     """How often to read the kernel counters (and account for sampled and lost events)
-    while records arrive; while none do, once a second (``IDLE_STATS_INTERVAL_S``)."""
+    while the program's gate samples or the ring was found at least half full
+    (``LOSS_POSSIBLE_USAGE``); otherwise once a second (``IDLE_STATS_INTERVAL_S``)."""
     shutdown_timeout_s: Seconds = 2.0
     """At shutdown, how long to wait for downstream room and in-flight BPF runs."""
     overflow: Literal["drain_oldest", "block"] = "drain_oldest"
@@ -443,11 +449,20 @@ class RingBufferReader(Source):
         # Edge-triggered: woken by the kernel's wake-ups only, not by records left
         # in the ring on purpose (a ring fd polls readable while anything is unread).
         edges = select.epoll()
+        # The wait's deadline as a timerfd in the same epoll set: a timeout is then a
+        # readable fd, not a cancelled scope (pipeline._timerfd says what that saves).
+        # Not under a test's virtual clock, which a kernel timer would not follow.
+        real_clock = type(trio.lowlevel.current_clock()).__name__ == "SystemClock"
+        timer: MonotonicTimer | None = None
         try:
             edges.register(ring.fileno(), select.EPOLLIN | select.EPOLLET)
+            if real_clock:
+                timer = MonotonicTimer()
+                edges.register(timer.fileno(), select.EPOLLIN)
             next_stats = next_tick(trio.current_time(), cfg.stats_interval_s)
             idle_stats_s = max(cfg.stats_interval_s, IDLE_STATS_INTERVAL_S)
             unrefreshed = False  # records read since the counters were last read
+            loss_possible = False  # ... and one of those reads found the ring nearly full
             last_refresh = trio.current_time()
             while True:
                 if wakeup is not None:
@@ -456,18 +471,27 @@ class RingBufferReader(Source):
                         threshold = self._wakeup_threshold_bytes = wanted
                         wakeup.set_threshold(wanted)
                     wakeup.reset_pending()  # before reading: whatever comes later counts
-                self._observe_usage(ring.usage())
+                usage = ring.usage()
+                self._observe_usage(usage)
                 read = ring.read_batch(cfg.max_batch_records)
                 last_read = trio.current_time()
                 await self._send_read(tx, read)
-                unrefreshed = unrefreshed or read.records > 0
+                if read.records:
+                    unrefreshed = True
+                    # Between two reads the ring only fills: a reservation can have failed
+                    # for want of room only if the ring was this full when read.
+                    loss_possible = loss_possible or usage >= LOSS_POSSIBLE_USAGE
                 now = trio.current_time()
                 if now >= next_stats:
-                    # While nothing reaches the ring the counters move only with events
-                    # the gate sampled out: read them every idle_stats_s then.
-                    if unrefreshed or now - last_refresh >= idle_stats_s:
+                    # The counters change what the ledger holds only with events the gate
+                    # sampled out or the ring lost; the records read are credited as they
+                    # are sent. So they are read every stats_interval_s while either can
+                    # happen, else every idle_stats_s.
+                    sampling = getattr(self.program, "gate_rate", 1) > 1
+                    if (unrefreshed and (sampling or loss_possible)) or now - last_refresh >= idle_stats_s:
                         self._refresh_counters()
-                        unrefreshed, last_refresh = False, now
+                        unrefreshed = loss_possible = False
+                        last_refresh = now
                     next_stats = next_tick(now, cfg.stats_interval_s)
                 if read.records >= cfg.max_batch_records:
                     continue  # probably more waiting; sending was a checkpoint
@@ -482,12 +506,20 @@ class RingBufferReader(Source):
                     )
                     if read_at <= now:
                         break
-                    with trio.move_on_at(min(read_at, next_stats, now + cfg.idle_poll_s)) as wait:
+                    deadline = min(read_at, next_stats, now + cfg.idle_poll_s)
+                    if timer is not None:
+                        timer.arm(deadline - now)
                         await trio.lowlevel.wait_readable(edges.fileno())
-                    if wait.cancelled_caught:
+                        woken = any(fd != timer.fileno() for fd, _ in edges.poll(0))  # consumes the edge
+                    else:
+                        with trio.move_on_at(deadline) as wait:
+                            await trio.lowlevel.wait_readable(edges.fileno())
+                        woken = not wait.cancelled_caught
+                        if woken:
+                            edges.poll(0)  # consume the edge
+                    if not woken:
                         self._idle_timeouts += 1
                         break
-                    edges.poll(0)  # consume the edge
                     self._wakeups += 1
                     # The kernel woke us: read now, even if the ring holds a little less than
                     # the threshold (its count since our reset includes records the last read
@@ -498,6 +530,8 @@ class RingBufferReader(Source):
         finally:
             trio.lowlevel.notify_closing(edges.fileno())
             edges.close()
+            if timer is not None:
+                timer.close()
 
     @property
     def ring_usage(self) -> float:
@@ -535,6 +569,9 @@ class RingBufferReader(Source):
         self._unsent = batch
         if self.config.overflow == "block":
             await tx.send(batch)
+        elif tx.has_room(batch):  # the usual case: no drain check needed, so no cancel scope
+            await tx.send(batch)
+            self._draining = False
         else:
             waited = False
             while True:

@@ -360,3 +360,46 @@ def test_accountant_never_over_or_under_reports(ops):
     check()
     assert acc.produced == true["events"]
     assert acc.unresolved == 0
+
+
+class CountingProgram(FakeProgram):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats_reads = 0
+
+    def kernel_stats(self) -> dict[str, int]:
+        self.stats_reads += 1
+        return super().kernel_stats()
+
+
+async def test_counters_are_read_often_only_while_the_ring_may_lose_or_the_gate_samples():
+    """Every ``stats_interval_s`` while a read found the ring half full (a reservation may
+    have failed) or the gate samples; otherwise once a second: the records read are
+    credited as they are sent, so reading the counters would change nothing."""
+    program = CountingProgram(ring_size=1 << 12)  # 128 records
+    pipe = build(program, stats_interval_s=0.02, idle_poll_s=0.02, max_batch_delay_ms=20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        await trio.sleep(1.1)  # past the first idle read of the counters
+        reads = program.stats_reads
+        for _ in range(10):  # a trickle: the ring never gets near full
+            program.fire(3)
+            await trio.sleep(0.04)
+        assert delivered(pipe) == 30
+        assert program.stats_reads - reads <= 1  # 0.4 s: one idle read at most, not 20
+        # Overflow it: the next reads find it full, and the losses are counted at once.
+        program.fire(400)
+        with trio.fail_after(0.5):  # well within the idle interval
+            await wait_until(
+                lambda: pipe.ledger.snapshot().total(Outcome.LOST_ON_RESERVE) == program.lost_reserve > 0
+            )
+        # The gate samples: the sampled-out events are counted at once too.
+        program.rate = 4
+        program.gate_rate = 4  # type: ignore[attr-defined]  # what the loader caches
+        reads = program.stats_reads
+        for _ in range(10):
+            program.fire(8)
+            await trio.sleep(0.04)
+        assert program.stats_reads - reads >= 5
+        pipe.stop()
+    assert_balanced(pipe, program)

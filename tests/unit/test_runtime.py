@@ -292,3 +292,29 @@ async def test_wait_room_then_send_nowait_never_blocks_and_respects_the_budget()
         rx.receive_nowait()
         await tx.wait_room(10, 0)  # 15 in flight already counted: 10 more do not fit
     assert waited.cancelled_caught
+
+
+async def test_has_room_says_whether_send_would_wait() -> None:
+    from pipeline import InflightBudget, Ledger, StageContext
+    from pipeline._channel import BatchReceiver, BatchSender, Edge
+
+    budget = InflightBudget(max_events=12)
+    producer = StageContext("src", "source", Ledger(), budget)
+    consumer = StageContext("sink", "sink", producer.ledger, budget)
+    edge = Edge("src->sink", 2)
+    tx, rx = BatchSender(edge, producer, admits=True), BatchReceiver(edge, consumer)
+    batch = make_batch(value=np.arange(5))
+    assert tx.has_room(batch)
+    await tx.send(batch)
+    assert tx.has_room(make_batch(value=np.arange(5)))  # 10 of 12 in flight, one slot left
+    assert not tx.has_room(make_batch(value=np.arange(8)))  # the budget would wait
+    await tx.send(make_batch(value=np.arange(5)))
+    assert not tx.has_room(make_batch(value=np.arange(1)))  # the channel is full
+    with trio.move_on_after(0.05) as waited:
+        await tx.send(make_batch(value=np.arange(1)))
+    assert waited.cancelled_caught  # and send does wait
+    rx.receive_nowait()  # room in the channel; nothing released, so 10 of 12 still in flight
+    assert not tx.has_room(make_batch(value=np.arange(5)))
+    assert tx.has_room(make_batch(value=np.arange(2)))
+    unbudgeted = BatchSender(Edge("a->b", 1), producer, admits=False)
+    assert unbudgeted.has_room(make_batch(value=np.arange(100)))  # only a source admits
