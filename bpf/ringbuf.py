@@ -224,10 +224,14 @@ def _walk(
             walk.discarded += k
         else:
             if collect:
-                rels.append(rel)
-                steps.append(step)
-                ks.append(k)
-                lens.append(header & _LEN_MASK)
+                length = header & _LEN_MASK
+                if rels and steps[-1] == step and lens[-1] == length and rels[-1] + ks[-1] * step == rel:
+                    ks[-1] += k  # the run before goes on: one run for a stream of equal records
+                else:
+                    rels.append(rel)
+                    steps.append(step)
+                    ks.append(k)
+                    lens.append(length)
             records += k
         rel += k * step
     walk.size_bytes = rel

@@ -25,6 +25,7 @@ from bpf.ringbuf import (
     BPF_RINGBUF_HDR_SZ,
     RingBufferError,
     SimulatedRing,
+    _walk,
     parse_records,
     record_size,
     skip_records,
@@ -205,6 +206,17 @@ def test_long_uniform_runs_wrap_and_cross_2_32(log_size, base, count):
     assert payloads(data, span, span.start) == [r.payload for r in records]
     assert span.consumer_pos == prod
     assert not span.blocked
+    # However many guesses the walk took, equal records make one run (one arange).
+    walk = _walk(
+        np.frombuffer(data, dtype=np.uint32),
+        cons,
+        prod,
+        size - 1,
+        max_records=None,
+        min_bytes=None,
+        collect=True,
+    )
+    assert walk.ks == [count]
 
 
 def test_empty_and_inconsistent_positions():

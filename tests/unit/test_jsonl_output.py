@@ -486,7 +486,7 @@ def test_a_line_output_on_a_fresh_file_counts_its_bytes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [np.uint64, np.int64, np.uint32, np.int32])
 def test_few_times_are_formatted_as_the_vectorised_path_does(dtype: type) -> None:
-    """Up to ``_FEW_TIMES`` timestamps are formatted one by one: same strings, same ``None``s."""
+    """Up to ``_FEW_TIMES`` timestamps are formatted in a Python loop: same strings, same ``None``s."""
     from stages.jsonl_sink import _FEW_TIMES, _INT64_MAX, _rfc3339_vectorised, rfc3339_times
 
     rng = np.random.default_rng(7)
@@ -504,3 +504,10 @@ def test_few_times_are_formatted_as_the_vectorised_path_does(dtype: type) -> Non
         ts = np.array(values, dtype=dtype)
         for offset in [*offsets, int(rng.integers(-(1 << 63), (1 << 63) - 1))]:
             assert rfc3339_times(ts, offset) == _rfc3339_vectorised(ts, offset)
+    # A real batch: sorted stamps a few ms apart, some crossing a second (the prefix is reused).
+    for _ in range(200):
+        n = int(rng.integers(1, _FEW_TIMES + 1))
+        base = int(rng.integers(0, min(int(info.max), 10**12)))
+        ts = np.sort(rng.integers(0, 3 * 10**9, n) // 10**6 * 10**6 + base).astype(dtype)
+        offset = 1_764_700_000_000_000_000 - int(rng.integers(0, 10**9))
+        assert rfc3339_times(ts, offset) == _rfc3339_vectorised(ts, offset)
