@@ -211,7 +211,7 @@ def _walk(
             if n > 1:
                 stride = step >> 2
                 guess = words[word : word + n * stride : stride]
-                misses = np.flatnonzero(guess != header)
+                misses = (guess != header).nonzero()[0]  # not np.flatnonzero: see _offsets_and_lengths
                 k = int(misses[0]) if misses.size else n
             else:
                 k = 1
@@ -248,7 +248,9 @@ def _offsets_and_lengths(walk: _Walk) -> tuple[npt.NDArray[np.int64], npt.NDArra
         offsets = np.arange(
             rel + BPF_RINGBUF_HDR_SZ, rel + BPF_RINGBUF_HDR_SZ + k * step, step, dtype=np.int64
         )
-        return offsets, np.full(k, walk.lens[0], dtype=np.uint32)
+        lengths = np.empty(k, dtype=np.uint32)
+        lengths.fill(walk.lens[0])
+        return offsets, lengths
     ks = np.array(walk.ks, dtype=np.int64)
     if int(ks.max()) == 1:  # a mixed stream walked record by record
         return (
