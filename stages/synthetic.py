@@ -85,6 +85,15 @@ class SyntheticSource(Source):
         self._heartbeats: list[int] = []
         self._asked = trio.Event()
         """Set by ``trigger_heartbeat``: ends the source's wait for its next batch."""
+        self.blocked_s = 0.0
+        """Seconds spent waiting for room downstream (channel or in-flight budget)."""
+        self.throttled_events = 0.0
+        """Events the rate called for and the source never made because back-pressure held
+        it: its credit stops at one batch, and what a wait for room pushed past that is gone.
+        (A short wait costs nothing: the credit it left unused is still there.)"""
+        self.late_events = 0.0
+        """The same, lost while the source did not wait for room but did not run either (the
+        event loop busy elsewhere, or the process not scheduled)."""
 
     def trigger_heartbeat(self, marker: int) -> None:
         """Send a heartbeat carrying ``marker`` before the next batch (never blocks)."""
@@ -132,6 +141,7 @@ class SyntheticSource(Source):
         batch_no = 0
         start = last = trio.current_time()
         credit = 0.0
+        waited = False  # the source waited for room since the credit was last earned
         self.ctx.publish(self)  # a HeartbeatSource, for the health monitor
         task_status.started()
         while remaining > 0:
@@ -140,10 +150,17 @@ class SyntheticSource(Source):
             want = int(min(size, remaining))
             if cfg.rate_per_s > 0:
                 now = trio.current_time()
+                earned = credit + (now - last) * self.rate_at(now - start)
+                if earned > size:
+                    if waited:
+                        self.throttled_events += earned - size
+                    else:
+                        self.late_events += earned - size
                 # the epsilon absorbs float rounding that could otherwise leave credit a
                 # hair short forever
-                credit = min(credit + (now - last) * self.rate_at(now - start) + 1e-9, float(size))
+                credit = min(earned + 1e-9, float(size))
                 last = now
+                waited = False
                 if credit < want:
                     rate = self.rate_at(now - start)
                     if rate <= 0:
@@ -156,7 +173,11 @@ class SyntheticSource(Source):
                 credit -= want
             # Wait for room first, then make, count and send with no checkpoint between:
             # a graceful stop cancels the wait, never a batch already counted as produced.
+            waited_from = trio.current_time()
             await tx.wait_room(want, want * (SYNTHETIC_DTYPE.itemsize + 8))  # events + weights
+            if (blocked := trio.current_time() - waited_from) > 0:
+                self.blocked_s += blocked
+                waited = True
             events = self._make(want, seq)
             seq += want
             remaining -= want

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import trio
@@ -252,6 +254,54 @@ async def test_synthetic_source_is_deterministic_and_rate_limited(
     assert first["seq"].tolist() == list(range(5000))
     assert np.array_equal(first[["pid", "cpu", "type", "value"]], second[["pid", "cpu", "type", "value"]])
     assert 4.9 <= elapsed <= 5.2  # 5000 events at 1000/s
+
+
+async def test_synthetic_source_reports_how_long_back_pressure_held_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class SlowSink(NullSink):
+        async def write(self, batch: Batch) -> None:
+            await trio.sleep(len(batch) / 1000)  # 1000 events/s
+
+    async def blocked_after(rate: float, seconds: float) -> tuple[float, float, float]:
+        config = SyntheticConfig(rate_per_s=rate, batch_size=10)
+        pipe = Pipeline([NodeSpec("src", SyntheticSource, config), NodeSpec("sink", SlowSink)], [2])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipe.run)
+            await trio.sleep(seconds)
+            source = pipe.nodes[0]
+            assert isinstance(source, SyntheticSource)
+            result = (source.blocked_s, source.throttled_events, source.late_events)
+            pipe.stop()
+        return result
+
+    blocked, throttled, late = await blocked_after(500, 10)
+    assert blocked == throttled == 0.0 and late < 1  # the sink keeps up: never held back
+    blocked, throttled, late = await blocked_after(10_000, 10)  # 10x what the sink takes
+    assert 8.0 <= blocked <= 10.0  # held back nearly all the time
+    assert 85_000 <= throttled <= 91_000  # ~9000 events/s never made, for back-pressure
+    assert late < 1  # the virtual clock never runs late (float rounding aside)
+
+
+async def test_synthetic_source_counts_events_it_made_late_apart_from_throttled() -> None:
+    class StallingSink(NullSink):
+        stalls = 0
+
+        async def write(self, batch: Batch) -> None:
+            if self.stalls < 3:  # blocks the one event loop, source included (real clock)
+                self.stalls += 1
+                time.sleep(0.1)
+
+    config = SyntheticConfig(rate_per_s=1000, batch_size=10)
+    pipe = Pipeline([NodeSpec("src", SyntheticSource, config), NodeSpec("sink", StallingSink)], [64])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        await trio.sleep(0.6)
+        pipe.stop()
+    source = pipe.nodes[0]
+    assert isinstance(source, SyntheticSource)
+    assert source.throttled_events == 0.0  # the channel never filled
+    assert 200 <= source.late_events <= 300  # 3 stalls of 100 ms: all but one batch's credit each
 
 
 async def test_synthetic_bursts_raise_the_rate(autojump_clock: trio.testing.MockClock) -> None:
