@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .ticks import last_tick_by as last_tick_by
     from .ticks import next_tick as next_tick
     from .ticks import sleep_to_next_tick as sleep_to_next_tick
+    from .timerfd import MonotonicTimer as MonotonicTimer
 
 _EXPORTS: dict[str, tuple[str, str]] = {
     "Batch": ("_batch", "Batch"),
@@ -104,6 +105,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "last_tick_by": ("ticks", "last_tick_by"),
     "next_tick": ("ticks", "next_tick"),
     "sleep_to_next_tick": ("ticks", "sleep_to_next_tick"),
+    "MonotonicTimer": ("timerfd", "MonotonicTimer"),
 }
 """Public name -> (module, name in it)."""
 
@@ -127,6 +129,7 @@ __all__ = [
     "InflightBudget",
     "Ledger",
     "LineOutput",
+    "MonotonicTimer",
     "NoConfig",
     "NodeSpec",
     "Outcome",

@@ -80,6 +80,7 @@ from pipeline import (
     Batch,
     BatchSender,
     HeartbeatSource,
+    MonotonicTimer,
     Outcome,
     ProgramHealth,
     SamplingGate,
@@ -89,7 +90,6 @@ from pipeline import (
     last_tick_by,
     next_tick,
 )
-from pipeline._timerfd import MonotonicTimer
 from pipeline.drain import DrainPolicy
 from pipeline.ring_accounting import KernelCounters, LedgerStep, RingAccountant
 
@@ -450,7 +450,7 @@ class RingBufferReader(Source):
         # in the ring on purpose (a ring fd polls readable while anything is unread).
         edges = select.epoll()
         # The wait's deadline as a timerfd in the same epoll set: a timeout is then a
-        # readable fd, not a cancelled scope (pipeline._timerfd says what that saves).
+        # readable fd, not a cancelled scope (pipeline.timerfd says what that saves).
         # Not under a test's virtual clock, which a kernel timer would not follow.
         real_clock = type(trio.lowlevel.current_clock()).__name__ == "SystemClock"
         timer: MonotonicTimer | None = None

@@ -1,4 +1,4 @@
-"""pipeline._timerfd: a one-shot CLOCK_MONOTONIC timer an epoll set can wait on."""
+"""pipeline.timerfd: a one-shot CLOCK_MONOTONIC timer an epoll set can wait on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline._timerfd import MonotonicTimer
+from pipeline.timerfd import MonotonicTimer
 
 
 def readable(timer: MonotonicTimer, wait_s: float) -> bool:
