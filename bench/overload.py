@@ -604,8 +604,8 @@ def definitions(args: argparse.Namespace) -> dict[str, str]:
             "drained or lost_on_reserve events; synthetic - the events back-pressure kept the source "
             "from making (SyntheticSource.throttled_events: its credit stops at one batch, and what a "
             f"wait for room pushes past it is lost) are at most {1 - SOURCE_KEPT_FRACTION:.0%} of "
-            "rate_per_s x the interval (back-pressure did not throttle it; events it made late for "
-            "want of CPU, SyntheticSource.late_events, are in produced_* and loss_at_source). "
+            "rate_per_s x the interval (back-pressure did not throttle it; events it never made "
+            "because it ran late, SyntheticSource.late_events, count in loss_at_source only). "
             "null = only the last sample qualifies "
             "(not settled). The target uses this."
         ),

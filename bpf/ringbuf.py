@@ -211,7 +211,7 @@ def _walk(
             if n > 1:
                 stride = step >> 2
                 guess = words[word : word + n * stride : stride]
-                misses = (guess != header).nonzero()[0]  # not np.flatnonzero: see _offsets_and_lengths
+                misses = (guess != header).nonzero()[0]  # not np.flatnonzero: its Python wrapper is cold code
                 k = int(misses[0]) if misses.size else n
             else:
                 k = 1

@@ -319,21 +319,26 @@ class BatchSender:
     def send_would_block(self) -> bool:
         return self._edge.depth >= self._edge.capacity
 
-    async def wait_room(self, events: int, nbytes: int) -> None:
+    async def wait_room(self, events: int, nbytes: int) -> bool:
         """Wait until a batch of ``events`` events and ``nbytes`` bytes can be sent with
         :meth:`send_nowait` (room in the channel and, for a source, in the in-flight budget).
+        Returns whether it had to wait (back-pressure held the caller); it returns at once,
+        with no checkpoint, when there is room.
 
         A source that makes its batches on demand waits here *before* making and counting
         one, then sends it with ``send_nowait`` with no checkpoint in between: a stop that
         cancels the wait leaves no batch produced and unsent."""
+        waited = False
         while True:
             if self._admits and not self._ctx.budget.has_room(events, nbytes):
+                waited = True
                 await self._ctx.budget.wait_room(events, nbytes)
             edge = self._edge  # read afresh: :meth:`redirect` may have moved us while we waited
             if edge.depth < edge.capacity or edge.send_channel.statistics().tasks_waiting_receive:
                 if not self._admits or self._ctx.budget.has_room(events, nbytes):
-                    return
+                    return waited
                 continue
+            waited = True
             await edge.room.park()
 
     def send_nowait(self, batch: Batch) -> None:

@@ -15,9 +15,14 @@ ctypes. Linux only, like the rest of the agent.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 
-__all__ = ["MonotonicTimer"]
+__all__ = ["MAX_DELAY_S", "MonotonicTimer"]
+
+MAX_DELAY_S = 1e6
+"""The longest delay :meth:`MonotonicTimer.arm` sets (about 11.6 days): waits that long
+are woken early and wait again."""
 
 _CLOCK_MONOTONIC = 1
 _NSEC = 1_000_000_000
@@ -61,8 +66,11 @@ class MonotonicTimer:
         return self._fd
 
     def arm(self, delay_s: float) -> None:
-        """Fire ``delay_s`` seconds from now (at once, if that is not in the future)."""
-        ns = max(1, int(delay_s * _NSEC))  # 0 would disarm it
+        """Fire ``delay_s`` seconds from now (at once, if that is not in the future; at
+        most ``MAX_DELAY_S`` from now, also for an infinite or NaN delay)."""
+        if not delay_s < MAX_DELAY_S:
+            delay_s = MAX_DELAY_S
+        ns = max(1, math.ceil(delay_s * _NSEC))  # never early; 0 would disarm it
         value = self._spec.it_value
         value.tv_sec, value.tv_nsec = divmod(ns, _NSEC)
         self._set()

@@ -176,9 +176,12 @@ def next_read_at(
 IDLE_STATS_INTERVAL_S = 1.0
 """How often the reader reads the kernel counters while they can only have counted
 records already credited: nothing sampled out, nothing lost (see ``LOSS_POSSIBLE_USAGE``)."""
-LOSS_POSSIBLE_USAGE = 0.5
-"""A read that finds the ring at least this full may follow lost reservations: the
-counters are then read every ``stats_interval_s``, to account for them promptly."""
+LOSS_POSSIBLE_USAGE = 0.75
+"""Once the ring is seen at least this full (before a read, by a drain check or a
+scrape), reservations may have failed for want of room: the counters are then read at
+the next ``stats_interval_s`` tick, to account for the losses promptly. Below it the
+ring had room for any record up to a quarter of its size (the ring only fills between
+two looks, except by a drain, which looks too)."""
 
 # -- the stage ---------------------------------------------------------------------------
 
@@ -273,7 +276,8 @@ class RingBufferReaderStatistics:
     wakeups: int
     """Waits ended by the ring (the kernel's wake-ups)."""
     idle_timeouts: int
-    """Waits ended by a deadline: the latency budget, ``idle_poll_s`` or a counter read."""
+    """Waits ended by a deadline: the latency budget, ``idle_poll_s`` or a counter read due
+    (see ``stats_interval_s``)."""
     wakeup_threshold_bytes: int
     """The kernel's wake-up threshold in effect (0: every event wakes the reader)."""
     kernel: KernelCounters
@@ -292,6 +296,8 @@ class RingBufferReader(Source):
         self.program: RingProgram | None = None
         self.schema: EventSchema | None = None
         self._last_usage = 0.0
+        self._ring_was_full = False
+        """Usage reached ``LOSS_POSSIBLE_USAGE`` since the counters were last read."""
         self.peak_ring_usage = 0.0
         self._ring: ReadableRing | None = None
         self._ring_size_bytes = 0
@@ -457,12 +463,22 @@ class RingBufferReader(Source):
         try:
             edges.register(ring.fileno(), select.EPOLLIN | select.EPOLLET)
             if real_clock:
-                timer = MonotonicTimer()
-                edges.register(timer.fileno(), select.EPOLLIN)
+                try:
+                    timer = MonotonicTimer()
+                    edges.register(timer.fileno(), select.EPOLLIN)
+                except OSError as exc:  # out of fds, or a sandbox without timerfd: the old way
+                    self.ctx.log.warning(
+                        "no timerfd for the reader's waits (%s); waiting with trio deadlines",
+                        exc,
+                        extra={"stage": self.ctx.name},
+                    )
+                    if timer is not None:
+                        timer.close()
+                        timer = None
             next_stats = next_tick(trio.current_time(), cfg.stats_interval_s)
             idle_stats_s = max(cfg.stats_interval_s, IDLE_STATS_INTERVAL_S)
             unrefreshed = False  # records read since the counters were last read
-            loss_possible = False  # ... and one of those reads found the ring nearly full
+            self._ring_was_full = False
             last_refresh = trio.current_time()
             while True:
                 if wakeup is not None:
@@ -476,22 +492,24 @@ class RingBufferReader(Source):
                 read = ring.read_batch(cfg.max_batch_records)
                 last_read = trio.current_time()
                 await self._send_read(tx, read)
-                if read.records:
-                    unrefreshed = True
-                    # Between two reads the ring only fills: a reservation can have failed
-                    # for want of room only if the ring was this full when read.
-                    loss_possible = loss_possible or usage >= LOSS_POSSIBLE_USAGE
+                unrefreshed = unrefreshed or read.records > 0
+                # The counters change what the ledger holds only with events the gate sampled
+                # out or the ring lost; the records read are credited as they are sent. So
+                # they are read every stats_interval_s while either can happen (the gate
+                # samples, or the ring was seen nearly full: see _observe_usage), else every
+                # idle_stats_s; and the reader wakes for them only then.
+                sampling = getattr(self.program, "gate_rate", 1) > 1
+                if (unrefreshed and sampling) or self._ring_was_full:
+                    refresh_at = next_stats
+                else:
+                    refresh_at = max(next_stats, last_refresh + idle_stats_s)
                 now = trio.current_time()
+                if now >= refresh_at:
+                    self._refresh_counters()
+                    unrefreshed = self._ring_was_full = False
+                    last_refresh = now
+                    refresh_at = max(next_tick(now, cfg.stats_interval_s), now + idle_stats_s)
                 if now >= next_stats:
-                    # The counters change what the ledger holds only with events the gate
-                    # sampled out or the ring lost; the records read are credited as they
-                    # are sent. So they are read every stats_interval_s while either can
-                    # happen, else every idle_stats_s.
-                    sampling = getattr(self.program, "gate_rate", 1) > 1
-                    if (unrefreshed and (sampling or loss_possible)) or now - last_refresh >= idle_stats_s:
-                        self._refresh_counters()
-                        unrefreshed = loss_possible = False
-                        last_refresh = now
                     next_stats = next_tick(now, cfg.stats_interval_s)
                 if read.records >= cfg.max_batch_records:
                     continue  # probably more waiting; sending was a checkpoint
@@ -506,7 +524,7 @@ class RingBufferReader(Source):
                     )
                     if read_at <= now:
                         break
-                    deadline = min(read_at, next_stats, now + cfg.idle_poll_s)
+                    deadline = min(read_at, refresh_at, now + cfg.idle_poll_s)
                     if timer is not None:
                         timer.arm(deadline - now)
                         await trio.lowlevel.wait_readable(edges.fileno())
@@ -543,6 +561,8 @@ class RingBufferReader(Source):
 
     def _observe_usage(self, usage: float) -> None:
         self._last_usage = usage
+        if usage >= LOSS_POSSIBLE_USAGE:  # reservations may fail: read the counters promptly
+            self._ring_was_full = True
         if usage > self.peak_ring_usage:
             self.peak_ring_usage = usage
 

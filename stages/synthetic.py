@@ -90,10 +90,14 @@ class SyntheticSource(Source):
         self.throttled_events = 0.0
         """Events the rate called for and the source never made because back-pressure held
         it: its credit stops at one batch, and what a wait for room pushed past that is gone.
-        (A short wait costs nothing: the credit it left unused is still there.)"""
+        (A short wait costs nothing: the credit it left unused is still there.) Counted when
+        the source next earns credit, so a span spent waiting shows up when the wait ends;
+        a span with a wait in it counts whole, even if the source also stalled in it."""
         self.late_events = 0.0
-        """The same, lost while the source did not wait for room but did not run either (the
-        event loop busy elsewhere, or the process not scheduled)."""
+        """The same, lost in a span with no wait for room: the source did not run (the
+        event loop busy elsewhere, or the process not scheduled). With bursts, a span is
+        credited at the rate at its end, so one crossing a burst edge is counted at the
+        burst's rate (or the base rate) throughout."""
 
     def trigger_heartbeat(self, marker: int) -> None:
         """Send a heartbeat carrying ``marker`` before the next batch (never blocks)."""
@@ -113,9 +117,13 @@ class SyntheticSource(Source):
             return cfg.rate_per_s * cfg.burst_factor
         return cfg.rate_per_s
 
-    async def _send_heartbeats(self, tx: BatchSender, batch_no: int) -> int:
+    async def _send_heartbeats(self, tx: BatchSender, batch_no: int) -> tuple[int, bool]:
+        """Send the heartbeats asked for; the next batch number, and whether it waited for room."""
         n = len(self._heartbeats)
-        await tx.wait_room(n, n * (HEARTBEAT_DTYPE.itemsize + 8))
+        waited_from = trio.current_time()
+        waited = await tx.wait_room(n, n * (HEARTBEAT_DTYPE.itemsize + 8))
+        if waited:
+            self.blocked_s += trio.current_time() - waited_from
         markers, self._heartbeats = self._heartbeats[:n], self._heartbeats[n:]
         events: np.ndarray[Any, Any] = np.zeros(len(markers), dtype=HEARTBEAT_DTYPE)
         events["ts_ns"] = time.monotonic_ns()
@@ -123,7 +131,7 @@ class SyntheticSource(Source):
         events["tgid"] = os.getpid()
         self.ctx.produced(len(markers))
         tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no, event_name=HEARTBEAT_EVENT))
-        return batch_no + 1
+        return batch_no + 1, waited
 
     def _make(self, n: int, seq: int) -> np.ndarray:
         events = self._template[:n].copy()
@@ -146,7 +154,8 @@ class SyntheticSource(Source):
         task_status.started()
         while remaining > 0:
             if self._heartbeats:
-                batch_no = await self._send_heartbeats(tx, batch_no)
+                batch_no, heartbeat_waited = await self._send_heartbeats(tx, batch_no)
+                waited = waited or heartbeat_waited
             want = int(min(size, remaining))
             if cfg.rate_per_s > 0:
                 now = trio.current_time()
@@ -174,9 +183,8 @@ class SyntheticSource(Source):
             # Wait for room first, then make, count and send with no checkpoint between:
             # a graceful stop cancels the wait, never a batch already counted as produced.
             waited_from = trio.current_time()
-            await tx.wait_room(want, want * (SYNTHETIC_DTYPE.itemsize + 8))  # events + weights
-            if (blocked := trio.current_time() - waited_from) > 0:
-                self.blocked_s += blocked
+            if await tx.wait_room(want, want * (SYNTHETIC_DTYPE.itemsize + 8)):  # events + weights
+                self.blocked_s += trio.current_time() - waited_from
                 waited = True
             events = self._make(want, seq)
             seq += want

@@ -3,7 +3,7 @@ directory, the test swaps it as the kubelet does, and the running agent applies 
 version on its own (no signal) and reports it; a broken swap is rejected and counted.
 
 The latency (swap -> version visible on ``GET /admin/config``) is printed (``pytest -s``);
-the watcher polls four times a second and waits 0.3 s for the file to settle."""
+the watcher polls twice a second and waits 0.3 s for the file to settle."""
 
 from __future__ import annotations
 

@@ -389,7 +389,7 @@ async def test_counters_are_read_often_only_while_the_ring_may_lose_or_the_gate_
         assert program.stats_reads - reads <= 1  # 0.4 s: one idle read at most, not 20
         # Overflow it: the next reads find it full, and the losses are counted at once.
         program.fire(400)
-        with trio.fail_after(0.5):  # well within the idle interval
+        with trio.fail_after(0.2):  # well within the idle interval (1 s)
             await wait_until(
                 lambda: pipe.ledger.snapshot().total(Outcome.LOST_ON_RESERVE) == program.lost_reserve > 0
             )
@@ -403,3 +403,57 @@ async def test_counters_are_read_often_only_while_the_ring_may_lose_or_the_gate_
         assert program.stats_reads - reads >= 5
         pipe.stop()
     assert_balanced(pipe, program)
+
+
+async def test_reader_wakes_for_counter_reads_only_when_one_is_due():
+    """With a 1 s budget and a 20 ms counter interval, a quiet ring costs a wake-up per
+    budget and per idle counter read, not one per stats tick."""
+    program = CountingProgram()
+    pipe = build(program, stats_interval_s=0.02, idle_poll_s=5.0, max_batch_delay_ms=1000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(3)
+        await trio.sleep(2.5)
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader)
+        timeouts = reader.statistics().idle_timeouts
+        assert delivered(pipe) == 3
+        pipe.stop()
+    assert timeouts <= 8  # ~2.5 budget ends + ~2.5 idle counter reads; 125 stats ticks passed
+    assert program.stats_reads <= 5
+    assert_balanced(pipe, program)
+
+
+async def test_reader_under_a_virtual_clock_waits_with_trio_deadlines(autojump_clock):
+    """A test's MockClock: no timerfd (the kernel's clock would not follow it)."""
+    program = FakeProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        for round_ in range(3):
+            program.fire(50)
+            await trio.sleep(1.0)  # virtual: the reader's deadlines end its waits
+            assert delivered(pipe) == 50 * (round_ + 1)
+        reader = pipe.nodes[0]
+        assert isinstance(reader, RingBufferReader)
+        assert reader.statistics().idle_timeouts > 0
+        pipe.stop()
+    assert_balanced(pipe, program)
+
+
+async def test_reader_without_a_timerfd_falls_back_to_trio_deadlines(monkeypatch, caplog):
+    import stages.reader
+
+    def no_timerfd() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(stages.reader, "MonotonicTimer", no_timerfd)
+    program = FakeProgram()
+    pipe = build(program)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipe.run)
+        program.fire(100)
+        await wait_until(lambda: delivered(pipe) == 100)
+        pipe.stop()
+    assert_balanced(pipe, program)
+    assert "no timerfd for the reader's waits" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import select
 import time
 
@@ -40,6 +41,13 @@ def test_a_delay_not_in_the_future_fires_at_once() -> None:
         assert readable(timer, 0.5)
         timer.arm(0.0)
         assert readable(timer, 0.5)
+
+
+def test_huge_infinite_and_nan_delays_arm_for_the_longest_delay() -> None:
+    with MonotonicTimer() as timer:
+        for delay in (1e12, math.inf, math.nan):
+            timer.arm(delay)
+            assert not readable(timer, 0.01)
 
 
 def test_closed_timer_has_no_fd() -> None:
