@@ -330,7 +330,7 @@ def output_threads(path: Path) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"bpfpipe-output {path}"]
 
 
-async def test_small_appends_to_a_file_are_written_inline_until_one_is_slow(
+async def test_small_appends_to_a_file_are_written_inline_until_some_in_a_row_are_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "out.jsonl"
@@ -344,20 +344,24 @@ async def test_small_appends_to_a_file_are_written_inline_until_one_is_slow(
         await out.write([big])  # too big to write inline: the thread takes it
         assert len(output_threads(path)) == 1 and path.read_bytes().endswith(big)
 
-        # The thread is idle again: small writes are inline, until one is slower than allowed.
+        # The thread is idle again: small writes are inline, until some in a row are slow.
         real_write = os.write
         calls: list[str] = []
+        slow = [True, True, False, True, True, True, True]  # one fast write resets the count
 
         def slow_write(fd: int, data: bytes | memoryview) -> int:
             calls.append(threading.current_thread().name)
-            time.sleep(2 * out.inline_slow_s)
+            if slow.pop(0):
+                time.sleep(2 * out.inline_slow_s)
             return real_write(fd, data)
 
         monkeypatch.setattr(pipeline.output.os, "write", slow_write)
-        await out.write([b'{"n":3}\n'])
-        await out.write([b'{"n":4}\n'])
-        assert calls == [threading.current_thread().name, f"bpfpipe-output {path}"]
-        assert path.read_bytes().endswith(b'{"n":3}\n{"n":4}\n')
+        assert out.inline_slow_limit == 3
+        for n in range(3, 10):
+            await out.write([b'{"n":%d}\n' % n])
+        here, thread = threading.current_thread().name, f"bpfpipe-output {path}"
+        assert calls == [here] * 6 + [thread]  # the 4th..6th writes were slow in a row
+        assert path.read_bytes().endswith(b"".join(b'{"n":%d}\n' % n for n in range(3, 10)))
     finally:
         await out.aclose()
 
