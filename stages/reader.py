@@ -228,7 +228,7 @@ class RingBufferReaderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=
     sink's share delivered 0.93, 0.92, 0.87 (the extra reads take its CPU)."""
     stats_interval_s: Seconds = 0.1
     """How often to read the kernel counters (and account for sampled and lost events)
-    while the program's gate samples or the ring was found at least half full
+    while the program's gate samples or the ring was seen at least three quarters full
     (``LOSS_POSSIBLE_USAGE``); otherwise once a second (``IDLE_STATS_INTERVAL_S``)."""
     shutdown_timeout_s: Seconds = 2.0
     """At shutdown, how long to wait for downstream room and in-flight BPF runs."""
