@@ -157,10 +157,10 @@ def _rfc3339_few(ts_ns: list[int], offset_ns: int) -> list[str | None]:
 _FEW_TIMES = 256
 """Up to this many times, the Python loop. Warm, numpy's fixed cost pays back from
 about 100 events (best of 7: 100 events 42 µs in either; 256 events 103 µs in the
-loop, 57 vectorised). But at ordinary
-rates the sink runs a few times a second, and after 100 ms of sleep nothing is in
-cache: numpy's calls, each a different code path, then cost more (100 events: 133-141
-µs in the loop against about 240 vectorised; median per call, one call every 100 ms)."""
+loop, 57 vectorised). But at ordinary rates the sink runs a few times a second, and
+after 100 ms of sleep nothing is in cache: numpy's calls, each a different code path,
+then cost more (100 events: 133-141 µs in the loop against about 240 vectorised;
+median per call, one call every 100 ms)."""
 
 
 def _rfc3339_vectorised(ts_ns: npt.NDArray[Any], offset_ns: int) -> list[str | None]:

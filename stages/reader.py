@@ -487,8 +487,7 @@ class RingBufferReader(Source):
                         threshold = self._wakeup_threshold_bytes = wanted
                         wakeup.set_threshold(wanted)
                     wakeup.reset_pending()  # before reading: whatever comes later counts
-                usage = ring.usage()
-                self._observe_usage(usage)
+                self._observe_usage(ring.usage())
                 read = ring.read_batch(cfg.max_batch_records)
                 last_read = trio.current_time()
                 await self._send_read(tx, read)

@@ -37,10 +37,11 @@ Where the sampling happens (the kernel gate rule)
 The rate ``N`` is the *total* reduction wanted, relative to what the kernel saw;
 the stage samples at the policy's ``exact_rate`` ``x`` — ``N`` itself, or a
 fraction below it where a limit (the cap, the learned capacity) sets ``N``
-(``pipeline.sampling``, "Fractional rates"). An event's weight ``w`` says how much of that the kernel's gate
-already did (sources stamp the gate's rate at emission into ``batch.weights``). The
-sampler takes only the remainder, per event: keep with probability ``min(1, w/x)``
-and set the weight of a kept event to ``max(w, x)``, i.e. ``w * max(1, x/w)``. So:
+(``pipeline.sampling``, "Fractional rates"). An event's weight ``w`` says how much
+of that the kernel's gate already did (sources stamp the gate's rate at emission
+into ``batch.weights``). The sampler takes only the remainder, per event: keep with
+probability ``min(1, w/x)`` and set the weight of a kept event to ``max(w, x)``,
+i.e. ``w * max(1, x/w)``. So:
 
 * a source without a gate (``w = 1``): 1 in ``x`` is kept in user space, weight ``x``;
 * a source whose gate is attached (:meth:`AdaptiveSampler.attach_gate`) and has

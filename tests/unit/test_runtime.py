@@ -15,12 +15,16 @@ from pipeline import (
     BatchSender,
     BatchSink,
     BatchStage,
+    InflightBudget,
+    Ledger,
     NodeSpec,
     Outcome,
     Pipeline,
     Stage,
+    StageContext,
     per_event,
 )
+from pipeline._channel import Edge
 from pipeline.errors import StageStartError
 from pipeline.testing import TestingSink, TestingSource, TestingSourceConfig, make_batch, run_stages, settings
 from stages.noop import NoopStage
@@ -317,15 +321,18 @@ async def test_synthetic_bursts_raise_the_rate(autojump_clock: trio.testing.Mock
     assert 5000 <= produced <= 6000
 
 
-async def test_wait_room_then_send_nowait_never_blocks_and_respects_the_budget() -> None:
-    from pipeline import InflightBudget, Ledger, StageContext
-    from pipeline._channel import BatchReceiver, BatchSender, Edge
-
-    budget = InflightBudget(max_events=15)
+def source_channel(max_events: int) -> tuple[BatchSender, BatchReceiver, InflightBudget, Edge]:
+    """A source's sending end (it admits into an in-flight budget of ``max_events``), the
+    receiving end of its 2-batch channel, the budget and the channel."""
+    budget = InflightBudget(max_events=max_events)
     producer = StageContext("src", "source", Ledger(), budget)
     consumer = StageContext("sink", "sink", producer.ledger, budget)
     edge = Edge("src->sink", 2)
-    tx, rx = BatchSender(edge, producer, admits=True), BatchReceiver(edge, consumer)
+    return BatchSender(edge, producer, admits=True), BatchReceiver(edge, consumer), budget, edge
+
+
+async def test_wait_room_then_send_nowait_never_blocks_and_respects_the_budget() -> None:
+    tx, rx, budget, edge = source_channel(max_events=15)
     for _ in range(2):  # fills the channel
         assert await tx.wait_room(5, 0) is False  # room: no wait
         tx.send_nowait(make_batch(value=np.arange(5)))
@@ -356,14 +363,7 @@ async def test_wait_room_then_send_nowait_never_blocks_and_respects_the_budget()
 
 
 async def test_has_room_says_whether_send_would_wait() -> None:
-    from pipeline import InflightBudget, Ledger, StageContext
-    from pipeline._channel import BatchReceiver, BatchSender, Edge
-
-    budget = InflightBudget(max_events=12)
-    producer = StageContext("src", "source", Ledger(), budget)
-    consumer = StageContext("sink", "sink", producer.ledger, budget)
-    edge = Edge("src->sink", 2)
-    tx, rx = BatchSender(edge, producer, admits=True), BatchReceiver(edge, consumer)
+    tx, rx, _, _ = source_channel(max_events=12)
     batch = make_batch(value=np.arange(5))
     assert tx.has_room(batch)
     await tx.send(batch)
@@ -377,5 +377,6 @@ async def test_has_room_says_whether_send_would_wait() -> None:
     rx.receive_nowait()  # room in the channel; nothing released, so 10 of 12 still in flight
     assert not tx.has_room(make_batch(value=np.arange(5)))
     assert tx.has_room(make_batch(value=np.arange(2)))
-    unbudgeted = BatchSender(Edge("a->b", 1), producer, admits=False)
+    stage = StageContext("noop", "stage", Ledger(), InflightBudget(max_events=1))
+    unbudgeted = BatchSender(Edge("a->b", 1), stage, admits=False)
     assert unbudgeted.has_room(make_batch(value=np.arange(100)))  # only a source admits
