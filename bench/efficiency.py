@@ -19,7 +19,8 @@ Consumers, each a fresh child process pinned to one CPU:
 
 The benchmark finds each consumer's maps with ``bpftool`` (newest ids), turns the
 producer on through ``loadgen_cfg`` and reads ``bpfpipe_stats`` at both ends of a
-window of ``--window`` seconds (after ``--warmup``). Definitions (also in the JSON):
+window of ``--window`` seconds (at least 20 s at 1 k and 10 k events/s, where the CPU used
+is a few dozen clock ticks), after ``--warmup``. Definitions (also in the JSON):
 
 * ``cpu_s_per_m_events``: utime + stime of the consumer (``/proc/PID/stat``) over the
   window, per million events the kernel emitted into the ring during it;
@@ -37,7 +38,7 @@ in the exec storm bpfpipe stays under 5 % of one core; p99 latency <=
 ``max_batch_delay_ms`` (the reader's default, 100) + 10 ms for runs below saturation (nothing lost, and
 the consumer took >= 95 % of what was emitted).
 
-Usage (root; about 3 minutes)::
+Usage (root; about 4 minutes)::
 
     .venv/bin/python bench/efficiency.py
     .venv/bin/python bench/efficiency.py --quick     # 2 s windows, 1 k and 100 k only
@@ -276,6 +277,7 @@ def measure(
             polls = out["polls_ns"]
             wakeups = int(((polls >= t0) & (polls < t1)).sum())
             drained: int | None = None
+            output_inline = -1
         else:
             written = np.repeat(out["written_ns"], out["counts"])
             latency = (written - ts)[in_window]
@@ -283,6 +285,7 @@ def measure(
             reads = out["read_ns"][(batch_written >= t0) & (batch_written < t1)]
             wakeups = len(np.unique(reads))
             drained = int(out["drained"])
+            output_inline = int(out["output_inline"]) if "output_inline" in out else -1
         consumed = int(in_window.sum())
         cpu = c1 - c0
         emitted = delta["emitted"]
@@ -300,6 +303,7 @@ def measure(
             "drained_whole_run": drained,
             "saturated": saturated,
             "latency_ms": percentiles_ms(latency),
+            **({"output_inline": bool(output_inline)} if output_inline >= 0 else {}),
         }
 
 
@@ -401,8 +405,9 @@ def main() -> int:
 
     workloads: dict[str, dict[str, Any]] = {}
     for rate in rates:
-        # Trickles are measured longer: /proc/PID/stat counts in clock ticks.
-        window = max(args.window, 10.0) if rate <= 10_000 and not args.quick else args.window
+        # Trickles are measured longer: /proc/PID/stat counts in 10 ms clock ticks, and at
+        # 1 k events/s bpfpipe uses ~12 ms of CPU a second: 20 s make ~24 ticks, +-1 of them 4 %.
+        window = max(args.window, 20.0) if rate <= 10_000 and not args.quick else args.window
         workloads[f"loadgen_{rate // 1000}k"] = {
             "program": "loadgen",
             "rate": rate,
@@ -428,6 +433,8 @@ def main() -> int:
             "latency_ms": "sink write time (bpfpipe) or callback time (bcc) - hdr.ts_ns, "
             "events stamped in the window",
             "saturated": "lost or drained events, or consumed < 95 % of emitted in the window",
+            "output_inline": "jsonl sink: its file was still written inline at the end (False: "
+            "three slow writes in a row sent writing to a thread, which costs more per batch)",
         },
         "workloads": {},
         "targets": [],

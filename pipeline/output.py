@@ -205,6 +205,12 @@ class LineOutput:
     write when they are slow)."""
 
     @property
+    def inline(self) -> bool:
+        """Whether small units are still written inline (False for outputs that never
+        are, and once ``inline_slow_limit`` slow writes in a row sent writing to the thread)."""
+        return self._inline
+
+    @property
     def queued_bytes(self) -> int:
         return self._queued_bytes
 

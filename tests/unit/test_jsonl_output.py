@@ -290,6 +290,7 @@ async def test_a_closed_pipe_is_output_closed(tmp_path: Path) -> None:
     read_fd, write_fd = os.pipe()
     os.close(read_fd)
     out = LineOutput.inherited(write_fd, "pipe")
+    assert not out.inline  # a pipe's reader may stall: never written from the loop
     try:
         with pytest.raises(SinkClosed, match="pipe"):
             await out.write([b"x\n"])
@@ -357,8 +358,12 @@ async def test_small_appends_to_a_file_are_written_inline_until_some_in_a_row_ar
 
         monkeypatch.setattr(pipeline.output.os, "write", slow_write)
         assert out.inline_slow_limit == 3
-        for n in range(3, 10):
+        for n in range(3, 8):
             await out.write([b'{"n":%d}\n' % n])
+        assert out.inline
+        await out.write([b'{"n":8}\n'])  # the third slow one in a row
+        assert not out.inline
+        await out.write([b'{"n":9}\n'])
         here, thread = threading.current_thread().name, f"bpfpipe-output {path}"
         assert calls == [here] * 6 + [thread]  # the 4th..6th writes were slow in a row
         assert path.read_bytes().endswith(b"".join(b'{"n":%d}\n' % n for n in range(3, 10)))
