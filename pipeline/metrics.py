@@ -196,6 +196,10 @@ class _KernelProgram(Protocol):
 
 _min, _max, _sum = np.minimum.reduce, np.maximum.reduce, np.add.reduce  # no method lookup per batch
 _bisect_left = bisect.bisect_left
+_FEW_STAMPS = 256
+"""Up to this many stamps, :meth:`LatencyHistogram.observe_ages` works on Python ints: a
+trickle's batch comes after 100 ms asleep, when numpy's calls run cold (100 stamps 0-100 ms
+old: 139-142 µs with numpy, 93-95 as ints; median of the first call after each 100 ms sleep)."""
 
 
 class LatencyHistogram:
@@ -232,6 +236,9 @@ class LatencyHistogram:
         n = len(stamps)
         if n == 0:
             return
+        if n <= _FEW_STAMPS and stamps.dtype.kind in "iu":
+            self._observe_few_ages(stamps.tolist(), now)
+            return
         if not stamps.flags.c_contiguous:  # a field of a structured batch: one copy makes
             stamps = np.ascontiguousarray(stamps)  # the three reductions below ~2x faster
         lo, hi = int(_min(stamps)), int(_max(stamps))
@@ -257,6 +264,23 @@ class LatencyHistogram:
         else:  # the sum would wrap: add offsets from the oldest (a batch spans little time)
             total = n * lo + int(_sum(stamps - stamps.dtype.type(lo)))
         self.sum_units += n * now - total
+
+    def _observe_few_ages(self, stamps: list[int], now: int) -> None:
+        """:meth:`observe_ages` on Python ints (exact: they do not wrap)."""
+        lo, hi = min(stamps), max(stamps)
+        if hi > now:
+            ages = np.array([max(0, now - stamp) for stamp in stamps], dtype=np.int64)
+            self.observe_many(ages)
+            return
+        edges = self._edge_list
+        first = _bisect_left(edges, now - hi)
+        if first == len(edges) or now - lo <= edges[first]:  # one bucket: the usual case
+            self.counts[first] += len(stamps)
+        else:
+            last = _bisect_left(edges, now - lo)
+            for stamp in stamps:
+                self.counts[_bisect_left(edges, now - stamp, first, last)] += 1
+        self.sum_units += len(stamps) * now - sum(stamps)
 
     def buckets(self) -> list[tuple[str, float]]:
         labels = [_le(b) for b in self.bounds] + ["+Inf"]

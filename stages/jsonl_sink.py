@@ -133,12 +133,15 @@ def rfc3339_times(ts_ns: npt.NDArray[Any], offset_ns: int) -> list[str | None]:
 
 def _rfc3339_few(ts_ns: list[int], offset_ns: int) -> list[str | None]:
     """:func:`rfc3339_times` of a list (the same strings): each second is formatted
-    once, and a time within it needs one subtraction and one ``str``."""
+    once, and a time within it needs one subtraction and one ``str``. The last second
+    formatted is kept for the next call: at a trickle most batches fall within it (100
+    times 0-100 ms old, one call every 100 ms: 176-180 µs → 144-145, median)."""
+    global _last_second
     out: list[str | None] = []
     append = out.append
-    low = high = 0  # [low, high): the wall times within the second `prefix` formats
-    prefix = ""
-    below = 0  # low - 1 s: wall - below has 10 digits, the first a 1
+    # [low, high): the wall times within the second `prefix` formats; below = low - 1 s,
+    # so wall - below has 10 digits, the first a 1.
+    low, high, below, prefix = _last_second
     for t in ts_ns:
         wall = t + offset_ns
         if not low <= wall < high:
@@ -150,8 +153,14 @@ def _rfc3339_few(ts_ns: list[int], offset_ns: int) -> list[str | None]:
             high = min(low + 1_000_000_000, _INT64_MAX + 1)  # the last second is cut short
             below = low - 1_000_000_000
             prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
+            _last_second = (low, high, below, prefix)
         append(f"{prefix}{str(wall - below)[1:]}Z")
     return out
+
+
+_last_second: tuple[int, int, int, str] = (0, 0, 0, "")
+"""(low, high, low - 1 s, prefix) of the second :func:`_rfc3339_few` formatted last (one
+tuple, rebound whole: safe to share between threads)."""
 
 
 _FEW_TIMES = 256
