@@ -266,20 +266,24 @@ class LatencyHistogram:
         self.sum_units += n * now - total
 
     def _observe_few_ages(self, stamps: list[int], now: int) -> None:
-        """:meth:`observe_ages` on Python ints (exact: they do not wrap)."""
+        """:meth:`observe_ages` on Python ints (exact: they do not wrap, so a garbage stamp
+        cannot overflow anything)."""
         lo, hi = min(stamps), max(stamps)
-        if hi > now:
-            ages = np.array([max(0, now - stamp) for stamp in stamps], dtype=np.int64)
-            self.observe_many(ages)
-            return
         edges = self._edge_list
+        counts = self.counts
+        if hi > now:  # a stamp from "after" now: its age is 0
+            ages = [now - stamp if stamp < now else 0 for stamp in stamps]
+            for age in ages:
+                counts[_bisect_left(edges, age)] += 1
+            self.sum_units += sum(ages)
+            return
         first = _bisect_left(edges, now - hi)
         if first == len(edges) or now - lo <= edges[first]:  # one bucket: the usual case
-            self.counts[first] += len(stamps)
+            counts[first] += len(stamps)
         else:
             last = _bisect_left(edges, now - lo)
             for stamp in stamps:
-                self.counts[_bisect_left(edges, now - stamp, first, last)] += 1
+                counts[_bisect_left(edges, now - stamp, first, last)] += 1
         self.sum_units += len(stamps) * now - sum(stamps)
 
     def buckets(self) -> list[tuple[str, float]]:

@@ -140,6 +140,17 @@ def test_observe_ages_equals_the_plain_per_event_histogram(seed: int) -> None:
     assert fast.sum_units == int(sum(int(a) for a in ages))
 
 
+def test_a_small_batch_with_garbage_stamps_is_observed_exactly() -> None:
+    now = 10**18
+    stamps = np.array([now + 5, -(2**63), now - 2_000_000], dtype=np.int64)  # after now; garbage; 2 ms
+    h = LatencyHistogram(END_TO_END_BUCKETS_S, 1e9)
+    h.observe_ages(stamps, now)
+    buckets = dict(h.buckets())
+    assert buckets["0.0005"] == 1  # the stamp from after now: age 0
+    assert buckets["0.0025"] == 2 and buckets["10.0"] == 2 and buckets["+Inf"] == 3
+    assert h.sum_units == 0 + (now + 2**63) + 2_000_000  # no wrap
+
+
 def test_batches_without_timestamps_are_not_observed() -> None:
     exporter = MetricsExporter(settings())
     exporter.observe_sink_batch(make_batch(value=[1, 2, 3]))
