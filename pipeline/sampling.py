@@ -75,10 +75,8 @@ A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
   cap is set (there ``learned`` sends ``h'`` of the cap: beyond it the cap limits what
   is sent, and probing would only overrun a consumer no faster than the cap). Sending
   more than the consumer takes then shows as a bound period, which measures it again.
-  The first measurement of a bound episode (bound periods in a row: a probe's) within
-  :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
-  :data:`MAX_HOLD_FACTOR` times); later ones of the same episode leave it as it is, and
-  one that differs resets it. ``C_L`` is forgotten
+  A measurement within :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
+  :data:`MAX_HOLD_FACTOR` times); one that differs resets it. ``C_L`` is forgotten
   after ``capacity_hold_periods`` relieved periods in a row in which ``learned`` did
   not hold ``N`` up (e.g. at ``N = min_sample_rate``).
 * ``aimd`` — pressured: ``aimd ← max(N + 1, ⌈N / decrease_factor⌉)``, except that it
@@ -547,8 +545,6 @@ class DownstreamCapacity:
         """Relief periods the next measurement holds ``C_L`` for before it grows again."""
         self._hold = 0
         self._unused_for = 0
-        self._episode_measured = False
-        """Whether this downstream-bound episode (bound periods in a row) measured already."""
         self._window: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=CAPACITY_WINDOW_PERIODS
         )
@@ -564,7 +560,6 @@ class DownstreamCapacity:
         stall is not a rate: it empties the window.)"""
         if not bound or consumed <= 0 or elapsed <= 0:
             self._window.clear()
-            self._episode_measured = False
             return False
         self._window.append((consumed, batches, elapsed))
         if sum(b for _, b, _ in self._window) < MIN_CAPACITY_BATCHES:
@@ -577,13 +572,9 @@ class DownstreamCapacity:
         last = self.measured_per_s
         if last is None or abs(per_s - last) > CAPACITY_TOLERANCE * last:
             self.hold_periods = p.capacity_hold_periods  # new, or changed: probe again soon
-        elif not self._episode_measured:
-            # A new bound episode (a probe's) found it where the last one did: trust it longer.
+        else:
+            # It agrees with the last one (e.g. a probe found it where it was): trust it longer.
             self.hold_periods = min(2 * self.hold_periods, MAX_HOLD_FACTOR * p.capacity_hold_periods)
-        # Else the same episode measured again: no new evidence, the hold stays as it was. (One
-        # overload measures every period; were each to double the hold, a capacity measured
-        # low while the consumer shared the CPU with the overload would stand for 80 s.)
-        self._episode_measured = True
         self.per_s = self.measured_per_s = per_s
         self.measurements += 1
         self._hold = self.hold_periods

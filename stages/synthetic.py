@@ -91,10 +91,11 @@ class SyntheticSource(Source):
         """Events the rate called for and the source never made because back-pressure held
         it: its credit stops at one batch, and what a wait for room pushed past that is gone.
         (A short wait costs nothing: the credit it left unused is still there.) Counted when
-        the source next earns credit, so a span spent waiting shows up when the wait ends;
-        a span with a wait in it counts whole, even if the source also stalled in it."""
+        the source next earns credit, so a span spent waiting shows up when the wait ends.
+        Of what a span lost, at most the time it spent waiting times the rate counts here
+        (:func:`split_lost`); the rest is late."""
         self.late_events = 0.0
-        """The same, lost in a span with no wait for room: the source did not run (the
+        """The same, lost while the source was not waiting for room: it did not run (the
         event loop busy elsewhere, or the process not scheduled). With bursts, a span is
         credited at the rate at its end, so one crossing a burst edge is counted at the
         burst's rate (or the base rate) throughout."""
@@ -117,13 +118,14 @@ class SyntheticSource(Source):
             return cfg.rate_per_s * cfg.burst_factor
         return cfg.rate_per_s
 
-    async def _send_heartbeats(self, tx: BatchSender, batch_no: int) -> tuple[int, bool]:
-        """Send the heartbeats asked for; the next batch number, and whether it waited for room."""
+    async def _send_heartbeats(self, tx: BatchSender, batch_no: int) -> tuple[int, float]:
+        """Send the heartbeats asked for; the next batch number, and how long it waited for room."""
         n = len(self._heartbeats)
         waited_from = trio.current_time()
-        waited = await tx.wait_room(n, n * (HEARTBEAT_DTYPE.itemsize + 8))
-        if waited:
-            self.blocked_s += trio.current_time() - waited_from
+        waited = 0.0
+        if await tx.wait_room(n, n * (HEARTBEAT_DTYPE.itemsize + 8)):
+            waited = trio.current_time() - waited_from
+            self.blocked_s += waited
         markers, self._heartbeats = self._heartbeats[:n], self._heartbeats[n:]
         events: np.ndarray[Any, Any] = np.zeros(len(markers), dtype=HEARTBEAT_DTYPE)
         events["ts_ns"] = time.monotonic_ns()
@@ -149,29 +151,28 @@ class SyntheticSource(Source):
         batch_no = 0
         start = last = trio.current_time()
         credit = 0.0
-        waited = False  # the source waited for room since the credit was last earned
+        waited = 0.0  # seconds the source waited for room since the credit was last earned
         self.ctx.publish(self)  # a HeartbeatSource, for the health monitor
         task_status.started()
         while remaining > 0:
             if self._heartbeats:
                 batch_no, heartbeat_waited = await self._send_heartbeats(tx, batch_no)
-                waited = waited or heartbeat_waited
+                waited += heartbeat_waited
             want = int(min(size, remaining))
             if cfg.rate_per_s > 0:
                 now = trio.current_time()
-                earned = credit + (now - last) * self.rate_at(now - start)
+                rate = self.rate_at(now - start)
+                earned = credit + (now - last) * rate
                 if earned > size:
-                    if waited:
-                        self.throttled_events += earned - size
-                    else:
-                        self.late_events += earned - size
+                    throttled, late = split_lost(earned - size, waited, rate)
+                    self.throttled_events += throttled
+                    self.late_events += late
                 # the epsilon absorbs float rounding that could otherwise leave credit a
                 # hair short forever
                 credit = min(earned + 1e-9, float(size))
                 last = now
-                waited = False
+                waited = 0.0
                 if credit < want:
-                    rate = self.rate_at(now - start)
                     if rate <= 0:
                         await self._nap(cfg.max_tick_s)
                         continue
@@ -184,11 +185,20 @@ class SyntheticSource(Source):
             # a graceful stop cancels the wait, never a batch already counted as produced.
             waited_from = trio.current_time()
             if await tx.wait_room(want, want * (SYNTHETIC_DTYPE.itemsize + 8)):  # events + weights
-                self.blocked_s += trio.current_time() - waited_from
-                waited = True
+                wait_s = trio.current_time() - waited_from
+                self.blocked_s += wait_s
+                waited += wait_s
             events = self._make(want, seq)
             seq += want
             remaining -= want
             self.ctx.produced(want)
             tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no, event_name=EVENT_NAME))
             batch_no += 1
+
+
+def split_lost(lost: float, waited_s: float, rate_per_s: float) -> tuple[float, float]:
+    """Events a span lost past the credit cap, as (throttled, late): back-pressure held the
+    source for ``waited_s`` of the span, which at ``rate_per_s`` is at most that many events;
+    the rest were lost while it was not waiting (it did not run). Pure."""
+    throttled = min(lost, max(0.0, waited_s) * rate_per_s)
+    return throttled, lost - throttled

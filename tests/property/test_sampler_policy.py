@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from pipeline.sampling import (
     MAX_HOLD_FACTOR,
     ChangeReason,
-    DownstreamCapacity,
     RateCapBucket,
     RateChange,
     SamplingParams,
@@ -559,25 +558,6 @@ def test_finds_more_capacity(s: Setting, faster: float, later: int) -> None:
     fits_faster = math.ceil(s.ratio / faster / (1 - p.cap_hysteresis) * (1 + 1e-12))
     rates = [downstream.period(sim) for _ in range(within)]
     assert min(rates) <= fits_faster, (fits_faster, rates)
-
-
-def test_only_a_new_bound_episode_that_agrees_lengthens_the_hold() -> None:
-    p = SamplingParams()
-    capacity = DownstreamCapacity(p)
-    # One long overload: every period is bound and measures about the same rate. That is one
-    # observation, not six: the hold stays at its base (doubling each time made it 80 s, and
-    # a capacity measured low while the consumer shared the CPU with the overload stood as long).
-    for per_s in (45_000, 46_000, 45_500, 44_800, 45_200, 45_900):
-        assert capacity.period(bound=True, consumed=per_s / 2, batches=20, elapsed=0.5)
-    assert capacity.hold_periods == p.capacity_hold_periods
-    # A later episode (a probe's) that finds it where it was: trust it longer.
-    assert not capacity.period(bound=False, consumed=20_000, batches=20, elapsed=0.5)
-    assert capacity.period(bound=True, consumed=23_000, batches=20, elapsed=0.5)
-    assert capacity.hold_periods == 2 * p.capacity_hold_periods
-    # One that differs by more than the tolerance starts again.
-    assert not capacity.period(bound=False, consumed=20_000, batches=20, elapsed=0.5)
-    assert capacity.period(bound=True, consumed=40_000, batches=20, elapsed=0.5)
-    assert capacity.hold_periods == p.capacity_hold_periods
 
 
 def test_finding_twice_the_capacity_takes_at_most_98_s_at_defaults() -> None:

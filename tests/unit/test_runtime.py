@@ -29,7 +29,7 @@ from pipeline.errors import StageStartError
 from pipeline.testing import TestingSink, TestingSource, TestingSourceConfig, make_batch, run_stages, settings
 from stages.noop import NoopStage
 from stages.null_sink import NullSink
-from stages.synthetic import SyntheticConfig, SyntheticSource
+from stages.synthetic import SyntheticConfig, SyntheticSource, split_lost
 
 
 def numbered(n_batches: int, size: int) -> list[Batch]:
@@ -306,6 +306,12 @@ async def test_synthetic_source_counts_events_it_made_late_apart_from_throttled(
     assert isinstance(source, SyntheticSource)
     assert source.throttled_events == 0.0  # the channel never filled
     assert 200 <= source.late_events <= 400  # 3 stalls of 100+ ms: all but one batch's credit each
+
+
+def test_a_spans_loss_is_throttled_only_for_the_time_it_waited_for_room() -> None:
+    assert split_lost(1000.0, 0.0, 500_000.0) == (0.0, 1000.0)  # never waited: it ran late
+    assert split_lost(1000.0, 0.001, 500_000.0) == (500.0, 500.0)  # waited 1 ms of a longer stall
+    assert split_lost(1000.0, 0.5, 500_000.0) == (1000.0, 0.0)  # held back the whole span
 
 
 async def test_synthetic_bursts_raise_the_rate(autojump_clock: trio.testing.MockClock) -> None:
