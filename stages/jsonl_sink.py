@@ -141,7 +141,8 @@ def _rfc3339_few(ts_ns: list[int], offset_ns: int) -> list[str | None]:
     append = out.append
     # [low, high): the wall times within the second `prefix` formats; below = low - 1 s,
     # so wall - below has 10 digits, the first a 1.
-    low, high, below, prefix = _last_second
+    low, high, prefix = _last_second
+    below = low - 1_000_000_000
     for t in ts_ns:
         wall = t + offset_ns
         if not low <= wall < high:
@@ -153,14 +154,14 @@ def _rfc3339_few(ts_ns: list[int], offset_ns: int) -> list[str | None]:
             high = min(low + 1_000_000_000, _INT64_MAX + 1)  # the last second is cut short
             below = low - 1_000_000_000
             prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
-            _last_second = (low, high, below, prefix)
+            _last_second = (low, high, prefix)
         append(f"{prefix}{str(wall - below)[1:]}Z")
     return out
 
 
-_last_second: tuple[int, int, int, str] = (0, 0, 0, "")
-"""(low, high, low - 1 s, prefix) of the second :func:`_rfc3339_few` formatted last (one
-tuple, rebound whole: safe to share between threads)."""
+_last_second: tuple[int, int, str] = (0, 0, "")
+"""(low, high, prefix) of the second :func:`_rfc3339_few` formatted last (one tuple,
+rebound whole: safe to share between threads)."""
 
 
 _FEW_TIMES = 256

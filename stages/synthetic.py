@@ -121,11 +121,7 @@ class SyntheticSource(Source):
     async def _send_heartbeats(self, tx: BatchSender, batch_no: int) -> tuple[int, float]:
         """Send the heartbeats asked for; the next batch number, and how long it waited for room."""
         n = len(self._heartbeats)
-        waited_from = trio.current_time()
-        waited = 0.0
-        if await tx.wait_room(n, n * (HEARTBEAT_DTYPE.itemsize + 8)):
-            waited = trio.current_time() - waited_from
-            self.blocked_s += waited
+        waited = await self._wait_room(tx, n, n * (HEARTBEAT_DTYPE.itemsize + 8))
         markers, self._heartbeats = self._heartbeats[:n], self._heartbeats[n:]
         events: np.ndarray[Any, Any] = np.zeros(len(markers), dtype=HEARTBEAT_DTYPE)
         events["ts_ns"] = time.monotonic_ns()
@@ -134,6 +130,15 @@ class SyntheticSource(Source):
         self.ctx.produced(len(markers))
         tx.send_nowait(Batch(events, source=self.ctx.name, seq=batch_no, event_name=HEARTBEAT_EVENT))
         return batch_no + 1, waited
+
+    async def _wait_room(self, tx: BatchSender, events: int, nbytes: int) -> float:
+        """``tx.wait_room``; the seconds it waited (0.0 if there was room), added to ``blocked_s``."""
+        waited_from = trio.current_time()
+        if not await tx.wait_room(events, nbytes):
+            return 0.0
+        waited = trio.current_time() - waited_from
+        self.blocked_s += waited
+        return waited
 
     def _make(self, n: int, seq: int) -> np.ndarray:
         events = self._template[:n].copy()
@@ -183,11 +188,7 @@ class SyntheticSource(Source):
                 credit -= want
             # Wait for room first, then make, count and send with no checkpoint between:
             # a graceful stop cancels the wait, never a batch already counted as produced.
-            waited_from = trio.current_time()
-            if await tx.wait_room(want, want * (SYNTHETIC_DTYPE.itemsize + 8)):  # events + weights
-                wait_s = trio.current_time() - waited_from
-                self.blocked_s += wait_s
-                waited += wait_s
+            waited += await self._wait_room(tx, want, want * (SYNTHETIC_DTYPE.itemsize + 8))  # + weights
             events = self._make(want, seq)
             seq += want
             remaining -= want
