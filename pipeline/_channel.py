@@ -152,6 +152,10 @@ class EdgeStatistics:
     """Events received before the last take (``received_events`` less the last batch)."""
     last_take_s: float = 0.0
     """When the consumer took its last batch, on trio's clock (0: never)."""
+    full_waits: int = 0
+    """Times a producer found the channel full and waited for the consumer to take a batch
+    (``send`` or ``wait_room``; a wait for the in-flight budget alone does not count): each
+    is a moment the consumer, not the producer, set the pace."""
 
     @property
     def fill(self) -> float:
@@ -177,6 +181,7 @@ class Edge:
         self.received_events = 0
         self.completed_events = 0
         self.last_take_s = 0.0
+        self.full_waits = 0
         self.sending = 0
         """Sends inside the trio channel's ``send`` (their batch may be buffered, uncounted)."""
         self.room = trio.lowlevel.ParkingLot()
@@ -215,6 +220,7 @@ class Edge:
             self.received_events,
             self.completed_events,
             self.last_take_s,
+            self.full_waits,
         )
 
 
@@ -302,6 +308,7 @@ class BatchSender:
                 stats = edge.send_channel.statistics()
                 if stats.tasks_waiting_receive or not stats.open_receive_channels:
                     return edge  # a receiver takes it at once, or trio's send raises
+                edge.full_waits += 1
                 await edge.room.park()
         except BaseException:
             if edge is not waited_on:  # the caller un-counts it where it started waiting
@@ -339,6 +346,7 @@ class BatchSender:
                     return waited
                 continue
             waited = True
+            edge.full_waits += 1
             await edge.room.park()
 
     def send_nowait(self, batch: Batch) -> None:

@@ -677,12 +677,18 @@ def _pipeline_families(
     queued = GaugeMetricFamily(
         "bpfpipe_channel_queued_events", "Events handed to send and not yet received", labels=["channel"]
     )
+    full_waits = CounterMetricFamily(
+        "bpfpipe_channel_full_waits",
+        "Times the producer found the channel full and waited for the consumer",
+        labels=["channel"],
+    )
     for e in stats.edges:
         depth.add_metric([e.name], e.depth)
         peak.add_metric([e.name], e.peak_depth)
         capacity.add_metric([e.name], e.capacity)
         queued.add_metric([e.name], e.queued_events)
-    yield from (depth, peak, capacity, queued)
+        full_waits.add_metric([e.name], e.full_waits)
+    yield from (depth, peak, capacity, queued, full_waits)
 
     budget = stats.budget
     yield GaugeMetricFamily(

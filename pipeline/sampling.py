@@ -42,6 +42,15 @@ likes; every count is summed over the adjustment period:
 * ``sent_events`` — events sent downstream; ``consumed_events``/``consumed_batches``
   — events and batches the consumer took off the channel. Counted, not weighted: a
   consumer's cost is per event it handles, whatever the event stands for.
+* ``full_waits`` — times the sender found the channel full and waited for room
+  (``pipeline.EdgeStatistics.full_waits``). A channel of a few small batches is full
+  for moments only, its mean fill low, yet each such moment held the sender, and a
+  source that blocks behind it, back.
+
+``r`` is *complete* in a period in which the source reported losses, or in which
+nothing held it back (not pressured, no full wait). In any other period the rules act
+on ``max(r, r of the last complete period)``: a blocked source is undercounted while
+it is held back, not before.
 
 and :meth:`SamplingPolicy.tick` with the current time. A tick at or after
 :attr:`SamplingPolicy.due_at` (``adjust_period_s`` after the previous adjustment) runs one
@@ -57,40 +66,52 @@ A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
 
 * ``learned`` — the consumer's capacity ``C_L``, measured. A period is
   *downstream-bound* when fill ≥ ``high_fill``, or fill > ``low_fill`` and the backlog
-  grew by more than a batch: the consumer was the bottleneck, so what it took is what
-  it can take. The last (up to :data:`CAPACITY_WINDOW_PERIODS`) consecutive bound
-  periods in which it took something *measure* ``C_L`` = consumed events / time (the
-  events it finished between two of its takes over the time between them, when the
-  shell reports those: a period's count is off by up to a batch), once
-  they hold :data:`MIN_CAPACITY_BATCHES` batches; a measurement sets ``learned ←
-  ⌈r / (h'·C_L)⌉`` with ``h' = 1 - cap_hysteresis/2``: the rate that fits with half
-  the hysteresis as headroom, so a backlog drains and the consumer is kept busy:
+  grew by more than a batch, or a probe (below) met a full channel: the consumer was
+  the bottleneck, so what it took is what it can take. The last (up to
+  :data:`CAPACITY_WINDOW_PERIODS`) consecutive bound periods in which it took
+  something *measure* ``C_L`` = consumed events / time (the events it finished between
+  two of its takes over the time between them, when the shell reports those: a
+  period's count is off by up to a batch), once they hold
+  :data:`MIN_CAPACITY_BATCHES` batches; a measurement sets ``learned ← ⌈r /
+  (h'·C_L)⌉`` with ``h' = 1 - cap_hysteresis/2``: the rate that fits with half the
+  hysteresis as headroom, so a backlog drains and the consumer is kept busy:
   ``D ≥ h'·C_L·r / (r + h'·C_L)``, ``0.87·C_L`` at ``r = 10·C_L`` and ``0.9·C_L``
   from ``r = 18·C_L`` (the top of the band left it up to 19 % idle). Otherwise
-  ``learned`` stays in ``[⌈r / C_L⌉, ⌈r / (h·C_L)⌉]`` and, when it must move, moves
-  to ``⌈r / (h'·C_L)⌉``: it rises only once ``N`` would send more than ``C_L``.
+  ``learned`` stays in ``[⌈r / C_L⌉, ⌈r / (h'·C_L)⌉]`` and, when it must move, moves
+  to ``⌈r / (h'·C_L)⌉``: it rises only once ``N`` would send more than ``C_L``, and
+  falls as soon as the exact rate ``r / (h'·C_L)`` would leave ``(N - 1, N]``, so that
+  rate is sent exactly while ``C_L`` grows (no whole ``N`` pins it, sending less, then
+  lets it jump by a step).
   *Probing*: after a measurement, ``capacity_hold_periods`` relieved periods pass
-  (the *hold*), then each relieved period in which the backlog is at most a batch
-  grows ``C_L`` by ``capacity_growth``, but not past ``max_events_per_sec / h'`` if a
-  cap is set (there ``learned`` sends ``h'`` of the cap: beyond it the cap limits what
-  is sent, and probing would only overrun a consumer no faster than the cap). Sending
-  more than the consumer takes then shows as a bound period, which measures it again.
-  A measurement within :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
-  :data:`MAX_HOLD_FACTOR` times); one that differs resets it. ``C_L`` is forgotten
+  (the *hold*), then each relieved period in which the backlog is at most a batch and
+  the channel was never full grows ``C_L`` by ``capacity_growth``, but not past
+  ``max_events_per_sec`` if a cap is set (there ``learned`` sends ``h'`` of the cap, as
+  the cap's own rule does: beyond it the cap limits what is sent, and probing would only
+  overrun a consumer no faster than the cap). Sending more than the consumer takes
+  fills the channel: the first period in which the sender waited for room while ``C_L``
+  stands above its last measurement is bound, and measures it again. (The mean fill
+  would take a period or more to cross a watermark, holding the source back meanwhile.)
+  The first measurement of a bound episode (bound periods in a row: a probe's) within
+  :data:`CAPACITY_TOLERANCE` of the last doubles the next hold (up to
+  :data:`MAX_HOLD_FACTOR` times); later ones of the same episode leave it as it is, and
+  one that differs resets it. ``C_L`` is forgotten
   after ``capacity_hold_periods`` relieved periods in a row in which ``learned`` did
   not hold ``N`` up (e.g. at ``N = min_sample_rate``).
 * ``aimd`` — pressured: ``aimd ← max(N + 1, ⌈N / decrease_factor⌉)``, except that it
   only keeps up with ``N`` when the channel, full, holds fewer batches than at the last
   adjustment (``N`` relieves it already), or when the period measured ``C_L`` and ``r``
-  is complete — the source reported losses, or the pressure just began (then ``r`` is
-  taken as at least the last unpressured period's): ``learned`` makes the jump. So it
-  doubles for a stalled consumer, lag alone, and a source held back by the pressure.
+  is complete — the source reported losses, or the period before was complete (then
+  ``r`` is taken as at least that period's): ``learned`` makes the jump. So it doubles
+  for a stalled consumer, lag alone, and a source held back by the pressure. Before any
+  period was complete (a source blocked from the start) a channel holding fewer batches
+  is no relief either: what arrives says nothing of what is offered, and ``N`` doubles.
   Relieved: the keep fraction rises additively, ``aimd ← ⌊1 / (1/aimd +
   increase_step)⌋``, once per whole period elapsed. Otherwise it holds. Then, in an
   unpressured period with ``C_L`` known in which the backlog did not grow by more than
-  a batch, ``aimd ← min(aimd, learned)``: ``r`` is complete (no pressure held the source
-  back) and ``learned`` fits the consumer, so what the doubling overshot while a blocked
-  source hid ``r`` goes at once, not relief by relief once the backlog has drained.
+  a batch, ``aimd ← min(aimd, learned)``: ``r`` is complete, or taken from the last
+  complete period, and ``learned`` fits the consumer, so what the doubling overshot while
+  a blocked source hid ``r`` goes at once, not relief by relief once the backlog has
+  drained.
 * ``cap`` — with ``C = max_events_per_sec > 0``: ``cap ← clamp(cap, ⌈r / C⌉,
   ⌈r / (h·C)⌉)``. It rises at once to meet the cap and falls only as far as leaves
   ``cap_hysteresis`` headroom, so an input rate near a boundary does not make ``N`` flap.
@@ -130,7 +151,8 @@ Numbers at defaults: period 0.5 s, ``decrease_factor`` 0.5, ``increase_step`` 0.
   (While a blocking source hides ``r`` the doubling may overshoot the band up to
   twice; ``min(aimd, learned)`` brings ``N`` back in the first unpressured period.)
   After that it only moves to probe: a probe sends at most ``1.1·C``
-  (``N ≥ ⌊r / (1.1·C)⌋``), returns to the band, and makes at most
+  (``N ≥ ⌊r / (1.1·C)⌋``), ends in the period its channel first fills (the channel
+  never holds the source back two periods in a row), returns to the band, and makes at most
   ``⌈log(1.1/h) / log(1 + capacity_growth)⌉ + 2`` changes (13); probes back off to
   one per ``MAX_HOLD_FACTOR · capacity_hold_periods`` relieved periods (80 s). No
   limit cycle.
@@ -184,8 +206,9 @@ CAPACITY_WINDOW_PERIODS = 2
 batches for a slow consumer, recent enough to follow a drop."""
 
 MAX_HOLD_FACTOR = 8
-"""Each capacity measurement that agrees with the last doubles the hold, up to this many
-times ``capacity_hold_periods``; one that differs resets it."""
+"""Each bound episode (a probe's) whose first capacity measurement agrees with the last
+doubles the hold, up to this many times ``capacity_hold_periods``; one that differs
+resets it."""
 
 CAPACITY_TOLERANCE = 0.2
 """Measurements within this fraction of the last one agree. A consumer's rate varies about
@@ -232,8 +255,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw
     faster consumer); 0 = never probe."""
     capacity_hold_periods: Rate = 20
     """Relief periods after a capacity measurement before the capacity grows (20: 10 s);
-    doubled, up to ``MAX_HOLD_FACTOR`` times, while measurements agree; also how many
-    relief periods in a row in which it does not hold N up forget it."""
+    doubled, up to ``MAX_HOLD_FACTOR`` times, while probes find it where it was; also how
+    many relief periods in a row in which it does not hold N up forget it."""
 
     @property
     def cap_per_s(self) -> float:
@@ -314,8 +337,9 @@ class SamplingPolicy:
         self._learned = 1
         self._learned_fit = 1.0
         self._exact = float(self.rate)
-        self._pressured = False
-        self._unpressured_input_per_s = 0.0
+        self._was_complete = False
+        self._complete_input_per_s: float | None = None
+        """``r`` of the last period in which it was complete (None: none yet)."""
         self._backlog = 0.0
         self._period_start = now
         self.due_at = now + params.adjust_period_s
@@ -334,6 +358,7 @@ class SamplingPolicy:
         self._consumed_batches = 0.0
         self._completed = 0.0
         self._completed_span_s = 0.0
+        self._full_waits = 0
 
     @property
     def exact_rate(self) -> float:
@@ -372,6 +397,7 @@ class SamplingPolicy:
         consumed_batches: float = 0,
         completed_events: float = 0,
         completed_span_s: float = 0.0,
+        full_waits: int = 0,
     ) -> None:
         """Add one sample of the downstream fill and/or the lag, and flows since the last call.
         ``completed_events`` finished by the consumer over ``completed_span_s`` seconds
@@ -393,6 +419,7 @@ class SamplingPolicy:
         self._consumed_batches += consumed_batches
         self._completed += completed_events
         self._completed_span_s += completed_span_s
+        self._full_waits += full_waits
 
     def tick(self, now: float) -> RateChange | None:
         """Adjust N if a period has passed. Returns the change, or None if N is unchanged."""
@@ -411,11 +438,12 @@ class SamplingPolicy:
             arrived *= elapsed / self._weighted_span_s
         input_per_s = (arrived + self._lost_upstream) / elapsed if elapsed > 0 else 0.0
         self.input_per_s = input_per_s
-        sent, consumed, batches, lost = (
+        sent, consumed, batches, lost, full_waits = (
             self._sent,
             self._consumed,
             self._consumed_batches,
             self._lost_upstream,
+            self._full_waits,
         )
         took, took_s = consumed, elapsed  # what measures the consumer's rate
         if self._completed > 0 and self._completed_span_s > 0:
@@ -426,7 +454,7 @@ class SamplingPolicy:
         self._weighted_span_s = 0.0
         self._sent = self._consumed = self._consumed_batches = 0.0
         self._completed = self._completed_span_s = 0.0
-        self._fill_n = self._lag_n = 0
+        self._fill_n = self._lag_n = self._full_waits = 0
 
         h = 1.0 - p.cap_hysteresis
         lag_counts = p.high_lag_s > 0
@@ -444,15 +472,22 @@ class SamplingPolicy:
         draining = fill >= p.high_fill and fill_end < self._fill_end
         self._fill_end = fill_end
         self._backlog = max(0.0, self._backlog + sent - consumed)  # events queued downstream
-        bound = fill >= p.high_fill or (fill > p.low_fill and backlog_grew)
+        # A probe that filled the channel even once sent more than the consumer takes: it was
+        # busy throughout, so what it took is its rate. (Waiting for the mean fill would let
+        # the probe hold the source back for a period or more. A backlog that grew by a batch
+        # is no such proof: a consumer not yet busy throughout would be measured low.)
+        overran = self.capacity.probing and full_waits > 0
+        bound = fill >= p.high_fill or (fill > p.low_fill and backlog_grew) or overran
         measured = self.capacity.period(bound=bound, consumed=took, batches=batches, elapsed=took_s)
 
-        # A source that blocks is undercounted while the pressure lasts, not before it.
+        # A source that blocks is undercounted while something holds it back (pressure, or
+        # a full channel the sampler waited on), not before; one that reports its losses is not.
+        complete_now = lost > 0 or not (pressured or full_waits > 0)
         offered_per_s = input_per_s
-        if pressured:
-            offered_per_s = max(input_per_s, self._unpressured_input_per_s)
+        if complete_now:
+            self._complete_input_per_s = input_per_s
         else:
-            self._unpressured_input_per_s = input_per_s
+            offered_per_s = max(input_per_s, self._complete_input_per_s or 0.0)
 
         if p.cap_per_s > 0:
             low = offered_per_s / p.cap_per_s
@@ -461,10 +496,12 @@ class SamplingPolicy:
 
         if pressured:
             # The input rate is complete if the source reported its losses, or if the pressure
-            # just began (``offered_per_s`` is then from before it); a source held back by it
-            # is undercounted after that.
-            complete = lost > 0 or not self._pressured
-            if draining or (measured and complete):
+            # just began (``offered_per_s`` is then from the complete period before it); a
+            # source held back by it is undercounted after that, and from the start if no
+            # period was complete yet (then a channel that holds a batch less is no sign that N
+            # relieves it).
+            complete = lost > 0 or self._was_complete
+            if (measured and complete) or (draining and self._complete_input_per_s is not None):
                 self._aimd = max(self._aimd, old)  # N relieves it already, or ``learned`` jumps
             else:
                 # No measurement (a stalled consumer, or lag alone), or an undercounted input.
@@ -475,7 +512,7 @@ class SamplingPolicy:
                     break
                 keep = 1.0 / self._aimd + p.increase_step
                 self._aimd = max(p.min_sample_rate, math.floor(1.0 / keep))
-            if self._backlog <= batch:  # probe further only while the consumer keeps up
+            if self._backlog <= batch and not full_waits:  # probe only while the consumer keeps up
                 self.capacity.relieved(periods)
         fits = not pressured and not backlog_grew and self.capacity.per_s is not None
         if fits and self._aimd > self._learned:
@@ -484,7 +521,7 @@ class SamplingPolicy:
             self._aimd = max(p.min_sample_rate, self._learned)
         else:
             fits = False
-        self._pressured = pressured
+        self._was_complete = complete_now
 
         self.rate = min(p.max_sample_rate, max(self._aimd, self._cap, self._learned, p.min_sample_rate))
         holds_n_up = self._learned > max(self._aimd, self._cap, p.min_sample_rate)
@@ -519,11 +556,11 @@ class SamplingPolicy:
             self._learned_fit = 1.0
             return
         low = input_per_s / self.capacity.per_s
-        top = max(1, min(math.ceil(low / h), self.params.max_sample_rate))
         aim = 1.0 - self.params.cap_hysteresis / 2
         self._learned_fit = min(low / aim, float(self.params.max_sample_rate))
+        top = max(1, min(math.ceil(self._learned_fit), self.params.max_sample_rate))
         if measured or not math.ceil(low) <= self._learned <= top:
-            self._learned = max(1, min(math.ceil(low / aim), self.params.max_sample_rate))
+            self._learned = top
 
 
 class DownstreamCapacity:
@@ -545,9 +582,16 @@ class DownstreamCapacity:
         """Relief periods the next measurement holds ``C_L`` for before it grows again."""
         self._hold = 0
         self._unused_for = 0
+        self._episode_measured = False
+        """Whether this downstream-bound episode (bound periods in a row) measured already."""
         self._window: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=CAPACITY_WINDOW_PERIODS
         )
+
+    @property
+    def probing(self) -> bool:
+        """``C_L`` has grown past its last measurement: a probe is sending more than ever measured."""
+        return self.per_s is not None and self.measured_per_s is not None and self.per_s > self.measured_per_s
 
     def known(self) -> float:
         assert self.per_s is not None
@@ -560,6 +604,7 @@ class DownstreamCapacity:
         stall is not a rate: it empties the window.)"""
         if not bound or consumed <= 0 or elapsed <= 0:
             self._window.clear()
+            self._episode_measured = False
             return False
         self._window.append((consumed, batches, elapsed))
         if sum(b for _, b, _ in self._window) < MIN_CAPACITY_BATCHES:
@@ -572,9 +617,13 @@ class DownstreamCapacity:
         last = self.measured_per_s
         if last is None or abs(per_s - last) > CAPACITY_TOLERANCE * last:
             self.hold_periods = p.capacity_hold_periods  # new, or changed: probe again soon
-        else:
-            # It agrees with the last one (e.g. a probe found it where it was): trust it longer.
+        elif not self._episode_measured:
+            # A new bound episode (a probe's) found it where the last one did: trust it longer.
             self.hold_periods = min(2 * self.hold_periods, MAX_HOLD_FACTOR * p.capacity_hold_periods)
+        # Else the same episode measured again: no new evidence, the hold stays as it was. (One
+        # overload measures every period; were each to double the hold, a capacity measured
+        # low while the consumer shared the CPU with the overload would stand for 80 s.)
+        self._episode_measured = True
         self.per_s = self.measured_per_s = per_s
         self.measurements += 1
         self._hold = self.hold_periods
@@ -586,9 +635,9 @@ class DownstreamCapacity:
         waited = min(periods, self._hold)
         self._hold -= waited
         growing = min(periods - waited, 1000)
-        # Not past the cap (with the headroom h' left below C_L): there the cap, not the
-        # consumer, limits what is sent.
-        cap = self.params.cap_per_s / (1.0 - self.params.cap_hysteresis / 2)
+        # Not past the cap: there ``learned`` sends what the cap's own rule sends, h' of it;
+        # beyond, the cap, not the consumer, limits what is sent.
+        cap = self.params.cap_per_s
         if growing and self.params.capacity_growth > 0 and not 0 < cap <= self.per_s:
             self.per_s *= (1.0 + self.params.capacity_growth) ** growing
             if cap > 0:

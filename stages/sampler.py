@@ -12,9 +12,11 @@ guarantees). This stage only feeds it and applies its answer. It feeds:
 * per period: the events it sent, the events and batches the consumer took off
   that channel (``EdgeStatistics.received_*``: the consumer's rate while it is the
   bottleneck is its capacity; ``completed_events`` between its takes measure that
-  rate without a partial batch), and the weight of the events the source lost for
-  want of room since the last period (``DRAINED`` and ``LOST_ON_RESERVE`` in the
-  ledger).
+  rate without a partial batch), the times it found that channel full and waited
+  (``EdgeStatistics.full_waits``: what ends a probe for more capacity, and marks a
+  period whose input a blocking source may have undercounted), and the weight of the
+  events the source lost for want of room since the last period (``DRAINED`` and
+  ``LOST_ON_RESERVE`` in the ledger).
 
 The input rate: what arrives here plus what the source lost
 -----------------------------------------------------------
@@ -153,6 +155,7 @@ class _Flows:
     completed_events: int = 0
     last_take_s: float = 0.0
     lost_upstream: float = 0.0
+    full_waits: int = 0
 
     @classmethod
     def read(cls, edge: EdgeStatistics, ledger: LedgerSnapshot, upstream: tuple[str, ...]) -> _Flows:
@@ -163,6 +166,7 @@ class _Flows:
             completed_events=edge.completed_events,
             last_take_s=edge.last_take_s,
             lost_upstream=ledger.total_weight(*LOST_UPSTREAM, stages=upstream),
+            full_waits=edge.full_waits,
         )
 
     def __sub__(self, before: _Flows) -> _Flows:
@@ -173,6 +177,7 @@ class _Flows:
             self.completed_events - before.completed_events,
             self.last_take_s - before.last_take_s,
             self.lost_upstream - before.lost_upstream,
+            self.full_waits - before.full_waits,
         )
 
 
@@ -377,6 +382,7 @@ class AdaptiveSampler(Stage):
                 completed_events=period.completed_events,
                 completed_span_s=period.last_take_s if before_take > 0 else 0.0,
                 lost_upstream=period.lost_upstream,
+                full_waits=period.full_waits,
             )
             change = policy.tick(trio.current_time())
             if change is not None:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pipeline.sampling import (
     MAX_HOLD_FACTOR,
     ChangeReason,
+    DownstreamCapacity,
     RateCapBucket,
     RateChange,
     SamplingParams,
@@ -43,6 +44,8 @@ class Step:
     batch_events: float = 1.0
     lost_fraction: float = 0.0
     """Of ``input_per_s``, the part the source lost (reported as ``lost_upstream``)."""
+    full_waits: int = 0
+    """Times the sampler found the channel full and waited."""
 
 
 fills = st.floats(min_value=0, max_value=1)
@@ -109,6 +112,7 @@ class Sim:
             sent_events=step.sent_per_s * duration,
             consumed_events=consumed,
             consumed_batches=consumed / step.batch_events,
+            full_waits=step.full_waits,
         )
         self.now += duration
         change = self.policy.tick(self.now)
@@ -399,17 +403,22 @@ class Downstream:
         self.offered_per_s = offered_per_s
         self.reports_losses = reports_losses
         self.queue = 0.0
+        self.held: list[bool] = []
+        """Per period: whether the full channel held the sampler (and the source) back."""
 
     def period(self, sim: Sim) -> int:
         policy = sim.policy
         n = policy.exact_rate  # what the sampler samples at
         dt = sim.p.adjust_period_s / self.STEPS
+        held = False
         for _ in range(self.STEPS):
             want = self.offered_per_s / n * dt
             can_take = self.capacity_per_s * dt
             sent = min(want, self.room - self.queue + can_take)
             consumed = min(can_take, self.queue + sent)
             self.queue += sent - consumed
+            waited = sent < want * (1 - 1e-9)  # the channel was full: the sampler waited for room
+            held = held or waited
             policy.observe(
                 fill=self.queue / self.room,
                 lag_s=0.0,
@@ -418,7 +427,9 @@ class Downstream:
                 sent_events=sent,
                 consumed_events=consumed,
                 consumed_batches=consumed / self.batch,
+                full_waits=int(waited),
             )
+        self.held.append(held)
         sim.now += sim.p.adjust_period_s
         change = policy.tick(sim.now)
         if change is not None:
@@ -522,9 +533,13 @@ def test_converges_to_a_learned_capacity_and_stays(s: Setting) -> None:
     held = sim.exact_rates[len(sim.exact_rates) - len(rates) + at :][: p.capacity_hold_periods]
     delivered = [offered / x for x in held]
     assert all(0.9 * s.capacity_per_s <= d <= s.capacity_per_s * (1 + 1e-9) for d in delivered), delivered
-    # From then on, probes for more capacity send at most 10 % more than the consumer takes.
+    # From then on, probes for more capacity send at most 10 % more than the consumer takes,
+    # and one ends in the period its channel first fills: the channel never holds the
+    # source back two periods in a row.
     floor = math.floor(s.ratio / PROBE_OVERSHOOT)
     assert all(floor <= n <= hi for n in rates[at:]), (floor, hi, rates)
+    held = downstream.held[at:]
+    assert not any(a and b for a, b in itertools.pairwise(held)), (held, rates[at:])
     # No limit cycle: probes back off. Over the last 8 x hold periods, at most two probes.
     last = rates[-MAX_HOLD_FACTOR * p.capacity_hold_periods :]
     changes = sum(a != b for a, b in itertools.pairwise(last))
@@ -558,6 +573,25 @@ def test_finds_more_capacity(s: Setting, faster: float, later: int) -> None:
     fits_faster = math.ceil(s.ratio / faster / (1 - p.cap_hysteresis) * (1 + 1e-12))
     rates = [downstream.period(sim) for _ in range(within)]
     assert min(rates) <= fits_faster, (fits_faster, rates)
+
+
+def test_only_a_new_bound_episode_that_agrees_lengthens_the_hold() -> None:
+    p = SamplingParams()
+    capacity = DownstreamCapacity(p)
+    # One long overload: every period is bound and measures about the same rate. That is one
+    # observation, not six: the hold stays at its base (doubling each time made it 80 s, and
+    # a capacity measured low while the consumer shared the CPU with the overload stood as long).
+    for per_s in (45_000, 46_000, 45_500, 44_800, 45_200, 45_900):
+        assert capacity.period(bound=True, consumed=per_s / 2, batches=20, elapsed=0.5)
+    assert capacity.hold_periods == p.capacity_hold_periods
+    # A later episode (a probe's) that finds it where it was: trust it longer.
+    assert not capacity.period(bound=False, consumed=20_000, batches=20, elapsed=0.5)
+    assert capacity.period(bound=True, consumed=23_000, batches=20, elapsed=0.5)
+    assert capacity.hold_periods == 2 * p.capacity_hold_periods
+    # One that differs by more than the tolerance starts again.
+    assert not capacity.period(bound=False, consumed=20_000, batches=20, elapsed=0.5)
+    assert capacity.period(bound=True, consumed=40_000, batches=20, elapsed=0.5)
+    assert capacity.hold_periods == p.capacity_hold_periods
 
 
 def test_finding_twice_the_capacity_takes_at_most_98_s_at_defaults() -> None:
@@ -706,6 +740,83 @@ def test_probing_stops_at_the_cap() -> None:
     for _ in range(5 * p.capacity_hold_periods):
         sim.run(quiet(p, 10_000))
         assert sim.policy.capacity_per_s is not None
-        assert sim.policy.capacity_per_s <= 1000 / 0.95
+        assert sim.policy.capacity_per_s <= 1000
         assert sim.policy.rate >= math.ceil(10_000 / (0.95 * 1000))
-    assert sim.policy.capacity_per_s == pytest.approx(1000 / 0.95)
+    assert sim.policy.capacity_per_s == pytest.approx(1000)
+
+
+def probing(p: SamplingParams, capacity: float, offered: float) -> Sim:
+    """A policy that measured ``capacity`` under ``offered`` events/s, saw the backlog drain,
+    and waited out the hold: the next quiet period starts a probe."""
+    sim = Sim(p)
+    sim.run(Step(1.0, 0.0, offered, 1, capacity, 2 * capacity, capacity * PERIOD / 10, lost_fraction=0.9))
+    assert sim.policy.capacity_per_s == pytest.approx(capacity)
+    sim.run(Step(p.low_fill, 0.0, offered, 1, 2 * capacity, 0, capacity * PERIOD / 10))  # drained
+    for _ in range(p.capacity_hold_periods - 1):
+        sim.run(quiet(p, offered))
+    assert sim.policy.capacity_per_s == pytest.approx(capacity)
+    return sim
+
+
+def test_a_probe_sends_what_the_grown_capacity_allows_every_period() -> None:
+    # While C_L grows 2 % a period, the exact rate follows it: h' x C_L (as it was when the
+    # period began) is sent each period, no whole-N step pins it (sending less) and then
+    # lets it jump (sending 7 % more at once).
+    p = SamplingParams()
+    capacity, offered = 1000.0, 10_000.0
+    sim = probing(p, capacity, offered)
+    sent = []
+    for _ in range(12):
+        grown = sim.policy.capacity_per_s
+        assert grown is not None
+        sim.run(quiet(p, offered))
+        sent.append(offered / sim.policy.exact_rate)
+        assert sent[-1] == pytest.approx(0.95 * grown)
+    assert sent[-1] > 1.2 * 0.95 * capacity  # it grew all along
+    assert all(b == pytest.approx(1.02 * a) for a, b in itertools.pairwise(sent[1:]))
+
+
+def test_a_probe_ends_in_the_period_the_channel_first_fills() -> None:
+    # The probe sends more than the consumer takes. Its channel (a few small batches) is full
+    # for moments only, so the period's mean fill stays low; the sampler waited for room,
+    # which held a blocking source back. That period measures the consumer at once, and N
+    # goes back to what fits it, from the complete r of the period before.
+    p = SamplingParams()
+    capacity, offered = 1000.0, 10_000.0
+    sim = probing(p, capacity, offered)
+    for _ in range(7):
+        sim.run(quiet(p, offered))
+    assert offered / sim.policy.exact_rate > 1.05 * capacity  # sending more than it takes
+    measured = sim.policy.capacity.measurements
+    held_back = 0.9 * offered  # what arrived from the blocked source
+    sim.run(Step(0.1, 0.0, held_back, 1, capacity, capacity, capacity * PERIOD / 20, full_waits=3))
+    assert sim.policy.capacity.measurements == measured + 1
+    assert sim.policy.capacity_per_s == pytest.approx(capacity)
+    assert sim.policy.rate == math.ceil(offered / (0.95 * capacity))  # r from before the hold-back
+    # A probe's measurement that agrees with the last: the next hold is twice as long.
+    assert sim.policy.capacity.hold_periods == 2 * p.capacity_hold_periods
+
+
+def test_full_waits_outside_a_probe_measure_nothing() -> None:
+    # A channel full for a moment while N holds is noise (the consumer was not busy
+    # throughout): no measurement, and C_L does not grow in that period either.
+    p = SamplingParams()
+    sim = probing(p, 1000.0, 10_000.0)
+    before = (sim.policy.capacity.measurements, sim.policy.capacity_per_s)
+    sim.run(Step(0.1, 0.0, 10_000.0, 1, 950, 950, 50, full_waits=2))
+    assert (sim.policy.capacity.measurements, sim.policy.capacity_per_s) == before
+
+
+def test_a_blocking_source_from_the_start_doubles_n_until_r_is_seen() -> None:
+    # The channel is full from the first period and the source blocks: what arrives is what
+    # the consumer takes times N, nothing says what is offered. One batch fewer in the full
+    # channel at a period's end is no sign N suffices: N doubles until a period is free.
+    p = SamplingParams()
+    sim = Sim(p)
+    rates = []
+    for i in range(4):
+        n = sim.policy.rate
+        fill = 1.0 - 0.05 * (i % 2)  # a batch more, a batch less
+        sim.run(Step(fill, 0.0, 1000 * n, 1, 1000, 1000, 25, full_waits=10))
+        rates.append(sim.policy.rate)
+    assert rates == [2, 4, 8, 16]

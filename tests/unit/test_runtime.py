@@ -219,6 +219,38 @@ async def test_inflight_budget_bounds_events(autojump_clock: trio.testing.MockCl
     assert stats.ledger.total(Outcome.DELIVERED) == 10_000
 
 
+async def test_full_waits_count_the_times_a_producer_found_its_channel_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A slow sink behind a 2-batch channel: the stage before it finds that channel full and
+    # waits (``send``), and the source finds its own full behind it (``wait_room``). A fast
+    # sink's channel is never full, and the in-flight budget's waits are not the channel's.
+    specs = [
+        NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=10, total_events=2_000)),
+        NodeSpec("noop", NoopStage),
+        NodeSpec("sink", SlowSink),
+    ]
+    pipe = Pipeline(specs, [2, 2])
+    await pipe.run()
+    to_noop, to_sink = pipe.statistics().edges
+    assert to_sink.full_waits > 0
+    assert to_noop.full_waits > 0
+    assert to_sink.full_waits <= to_sink.sent_batches
+
+    fast = Pipeline(
+        [
+            NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=10, total_events=2_000)),
+            NodeSpec("sink", NullSink),
+        ],
+        [64],
+        settings=settings(limits={"max_inflight_events": 20}),
+    )
+    await fast.run()
+    stats = fast.statistics()
+    assert stats.budget.waits > 0
+    assert stats.edges[0].full_waits == 0
+
+
 async def test_statistics_report_depth_within_capacity() -> None:
     specs = [
         NodeSpec("src", SyntheticSource, SyntheticConfig(batch_size=10, total_events=5_000)),
