@@ -492,7 +492,7 @@ class SamplingPolicy:
         if p.cap_per_s > 0:
             low = offered_per_s / p.cap_per_s
             self._cap = max(1, min(max(self._cap, math.ceil(low)), math.ceil(low / h), p.max_sample_rate))
-        self._update_learned(offered_per_s, h, measured)
+        self._update_learned(offered_per_s, measured)
 
         if pressured:
             # The input rate is complete if the source reported its losses, or if the pressure
@@ -549,8 +549,8 @@ class SamplingPolicy:
             reason = ChangeReason.PRESSURE if self.rate > old else ChangeReason.RELIEF
         return RateChange(now, old, self.rate, reason, fill, lag_s, input_per_s, self.capacity.per_s)
 
-    def _update_learned(self, input_per_s: float, h: float, measured: bool) -> None:
-        """``learned`` stays in ``[⌈r/C_L⌉, ⌈r/(h·C_L)⌉]``; when it moves, to ``⌈r/(h'·C_L)⌉``."""
+    def _update_learned(self, input_per_s: float, measured: bool) -> None:
+        """``learned`` stays in ``[⌈r/C_L⌉, ⌈r/(h'·C_L)⌉]``; when it moves, to ``⌈r/(h'·C_L)⌉``."""
         if self.capacity.per_s is None:
             self._learned = 1
             self._learned_fit = 1.0
