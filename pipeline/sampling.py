@@ -15,8 +15,10 @@ Fractional rates. Where a cap or the learned capacity sets ``N`` (``cap``,
 :attr:`SamplingPolicy.exact_rate` ``x``: the largest of the rules' unrounded values of
 the last adjustment — ``aimd`` (whole; where it is above both limits), ``r /
 (h'·C)`` for the cap ``C``, ``r / (h'·C_L)`` for the learned capacity — clamped into
-``(N - 1, N]``; so ``x = N`` wherever AIMD or ``min_sample_rate`` sets ``N``, and where a limit sets it, ``x``
-sends at most ``h'`` of that limit. The sampler samples at ``x``: a
+``[N - 1, N]`` (and ``≥ 1``); so ``x = N`` wherever AIMD or ``min_sample_rate`` sets
+``N``, and where a limit sets it, ``x`` sends at most ``h'`` of that limit. (A value
+below ``N - 1``, where the cap's hysteresis holds ``N`` a step high, is clamped to
+``N - 1``, not to ``N``: 1 in ``N`` would send as little as ``0.83·C``.) The sampler samples at ``x``: a
 kernel gate takes :attr:`SamplingPolicy.gate_rate` ``= ⌊x⌋`` and user space the
 rest, ``⌊x⌋ / x`` of what arrives. ``N`` alone still drives every rule, report and
 guarantee below; ``x ≤ N`` only ever sends more, up to ``h'·C_L``.
@@ -99,10 +101,12 @@ A period is *pressured* when fill ≥ ``high_fill`` or lag ≥ ``high_lag_s``
   not hold ``N`` up (e.g. at ``N = min_sample_rate``).
 * ``aimd`` — pressured: ``aimd ← max(N + 1, ⌈N / decrease_factor⌉)``, except that it
   only keeps up with ``N`` when the channel, full, holds fewer batches than at the last
-  adjustment (``N`` relieves it already), or when the period measured ``C_L`` and ``r``
+  adjustment (``N`` relieves it already), or when the period measured ``C_L``, ``r``
   is complete — the source reported losses, or the period before was complete (then
-  ``r`` is taken as at least that period's): ``learned`` makes the jump. So it doubles
-  for a stalled consumer, lag alone, and a source held back by the pressure. Before any
+  ``r`` is taken as at least that period's) — and the lag is below ``high_lag_s``:
+  ``learned`` makes the jump. So it doubles for a stalled consumer, lag alone, a source
+  held back by the pressure, and a backlog upstream (``learned`` sends what the
+  consumer takes, so events already queued before the sampler would never catch up). Before any
   period was complete (a source blocked from the start) a channel holding fewer batches
   is no relief either: what arrives says nothing of what is offered, and ``N`` doubles.
   Relieved: the keep fraction rises additively, ``aimd ← ⌊1 / (1/aimd +
@@ -364,9 +368,9 @@ class SamplingPolicy:
     def exact_rate(self) -> float:
         """The rate to sample at: ``N`` itself, except where a limit sets ``N`` (the cap ``C``
         or the learned capacity ``C_L``); there the exact ``r / (h'·C)`` or ``r / (h'·C_L)``
-        of the last adjustment, in ``(N - 1, N]`` (see "Fractional rates" in the module
+        of the last adjustment, in ``[N - 1, N]`` (see "Fractional rates" in the module
         docstring)."""
-        return self._exact if self.rate - 1 < self._exact <= self.rate else float(self.rate)
+        return self._exact if max(1.0, self.rate - 1.0) <= self._exact <= self.rate else float(self.rate)
 
     @property
     def gate_rate(self) -> int:
@@ -501,10 +505,14 @@ class SamplingPolicy:
             # period was complete yet (then a channel that holds a batch less is no sign that N
             # relieves it).
             complete = lost > 0 or self._was_complete
-            if (measured and complete) or (draining and self._complete_input_per_s is not None):
+            # ``learned`` sends what the consumer takes: a backlog upstream (lag past the high
+            # watermark) would never catch up, so there N doubles to shed it.
+            fits_backlog = measured and complete and not (lag_counts and lag_s >= p.high_lag_s)
+            if fits_backlog or (draining and self._complete_input_per_s is not None):
                 self._aimd = max(self._aimd, old)  # N relieves it already, or ``learned`` jumps
             else:
-                # No measurement (a stalled consumer, or lag alone), or an undercounted input.
+                # No measurement (a stalled consumer, or lag alone), an undercounted input, or a
+                # backlog upstream.
                 self._aimd = min(p.max_sample_rate, max(old + 1, math.ceil(old / p.decrease_factor)))
         elif relieved:
             for _ in range(min(periods, p.max_sample_rate)):
@@ -525,7 +533,7 @@ class SamplingPolicy:
 
         self.rate = min(p.max_sample_rate, max(self._aimd, self._cap, self._learned, p.min_sample_rate))
         holds_n_up = self._learned > max(self._aimd, self._cap, p.min_sample_rate)
-        # The exact rate: each rule's unrounded value, the largest of them, in (N - 1, N].
+        # The exact rate: each rule's unrounded value, the largest of them, in [N - 1, N].
         fit = float(p.min_sample_rate)
         if self._aimd > max(self._cap, self._learned):  # AIMD alone sets N (a tie: the limit does)
             fit = max(fit, self._aimd)

@@ -126,7 +126,7 @@ class SamplerStatistics:
     sample_rate: int
     """The current N (keep 1 in N)."""
     exact_rate: float
-    """The rate sampled at, in ``(N - 1, N]``: ``N`` except where a limit (the cap, the learned
+    """The rate sampled at, in ``[N - 1, N]``: ``N`` except where a limit (the cap, the learned
     capacity) sets it (``pipeline.sampling``, "Fractional rates")."""
     gate_rate: int
     """The rate pushed to the kernel gates: ``⌊exact_rate⌋``; user space takes the rest."""

@@ -136,7 +136,7 @@ def test_rate_stays_within_bounds(p: SamplingParams, inputs: list[Step]) -> None
         assert isinstance(rate, int)
         assert p.min_sample_rate <= rate <= p.max_sample_rate
         # The exact rate sampled at is N, or a fraction below it: never more than a step.
-        assert rate - 1 < sim.policy.exact_rate <= rate
+        assert max(1, rate - 1) <= sim.policy.exact_rate <= rate
         assert sim.policy.gate_rate == math.floor(sim.policy.exact_rate) >= 1
         if sim.policy.capacity_per_s is None and not p.cap_per_s:  # no limit: AIMD's whole N
             assert sim.policy.exact_rate == rate
@@ -294,7 +294,7 @@ def test_converges_to_the_cap_within_two_periods(
             assert n == 1
         # The exact rate sends more than whole N, and still no more than the cap.
         exact = sim.policy.exact_rate
-        assert n - 1 < exact <= n
+        assert max(1, n - 1) <= exact <= n
         assert delivered * (1 - 1e-9) <= r2 / exact <= cap * (1 + 1e-9)
 
 
@@ -820,3 +820,35 @@ def test_a_blocking_source_from_the_start_doubles_n_until_r_is_seen() -> None:
         sim.run(Step(fill, 0.0, 1000 * n, 1, 1000, 1000, 25, full_waits=10))
         rates.append(sim.policy.rate)
     assert rates == [2, 4, 8, 16]
+
+
+def test_where_the_cap_holds_n_a_step_high_the_exact_rate_still_sends_most_of_it() -> None:
+    # A burst raised the cap's N to 15; at 10 x the cap its hysteresis lets N fall only to
+    # 12 (1 in 12 sends 0.83 x the cap). The exact rate is clamped to N - 1, not snapped to
+    # N: 1 in 11 sends 0.91 x the cap, and never more than it.
+    p = SamplingParams(max_events_per_sec=1000)
+    sim = Sim(p)
+    sim.run(quiet(p, 15_000))
+    assert sim.policy.rate == 15
+    for _ in range(5):
+        sim.run(quiet(p, 10_000))
+        assert sim.policy.rate == 12
+        assert 0.9 * 1000 <= 10_000 / sim.policy.exact_rate <= 1000
+
+
+def test_lag_past_the_high_watermark_doubles_n_even_when_the_capacity_fits() -> None:
+    # A measured consumer and a complete r: N jumps to what fits the consumer. That sends no
+    # more than it takes, so events already queued upstream (lag) would never catch up: while
+    # the lag stays past high_lag_s, N doubles instead, to shed the backlog.
+    p = SamplingParams()
+    sim = Sim(p)
+
+    def overload(lag_s: float) -> Step:
+        return Step(1.0, lag_s, 10_000, 1, 1000, 2000, 50, lost_fraction=0.9)
+
+    sim.run(overload(0.0))
+    assert sim.policy.rate == 11
+    sim.run(overload(0.5))
+    assert sim.policy.rate == 11  # lag below high_lag_s: it fits, it holds
+    sim.run(overload(1.5))
+    assert sim.policy.rate == 22
