@@ -190,6 +190,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "sink_busy_s": sink.busy_s,
             "sink_batches": sink.batches,
             "sink_age_sum_s": sink.age_sum_s,
+            "cpu_s": time.process_time(),
         }
         fill[0], fill[1] = 0.0, 0
         if sampler is not None and sampler_ctx is not None:
@@ -522,6 +523,16 @@ def analyse(
             round(statistics.fmean(s["sink_fill"] for s in samples[i - window + 1 : i + 1]), 2)
             for i in range(window, len(samples), window)
         ],
+        "process_cpu_fraction": [
+            round(window_rate(samples, "cpu_s", i, window), 2) for i in range(window, len(samples), window)
+        ],
+    }
+    cpu = [window_rate(samples, "cpu_s", i, 1) for i in range(1, len(samples))]
+    out["process_cpu"] = {
+        "mean_fraction_of_one_core": round(statistics.fmean(cpu), 3) if cpu else None,
+        "intervals_at_or_above_0_95": [
+            round(samples[i]["t"], 1) for i in range(1, len(samples)) if cpu[i - 1] >= 0.95
+        ][:40],
     }
     if kernel:
         out["series_1s"]["kernel_events_per_s"] = per_second(samples, "kernel_events", window)
@@ -643,6 +654,14 @@ def definitions(args: argparse.Namespace) -> dict[str, str]:
             "produced == events, kernel_sampled_out == sampled_out, lost_on_reserve == lost_reserve, "
             "emitted == records read + records drained, and per CPU events == sampled_out + "
             "lost_reserve + emitted"
+        ),
+        "process_cpu": (
+            "diagnostic, no target: CPU seconds (user + system, time.process_time) the run's process "
+            "used per second of wall time, per 0.5 s monitor interval; the process is pinned to one "
+            "CPU, so near 1.0 it is CPU-bound there, and a source it starves looks throttled (clause "
+            "(c) of settle_s) whatever the sampler does. The synthetic source sends whatever credit it "
+            "has (partial batches) rather than wait for a full one, so its runs sit near 1.0 by design: "
+            "a slower CPU (this VM's speed varies) shows there as throttling"
         ),
         "estimate_error_pct": (
             "100 x (ledger.snapshot().estimated_true_count() - true) / true; true = ledger.produced "
